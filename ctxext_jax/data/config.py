@@ -1,0 +1,87 @@
+"""The data section of the run config as a small frozen dataclass (config flows one way)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+# Built-in dataset names; anything else is looked up as a prepared TFDS dataset.
+EMBEDDED = "embedded"
+SYNTHETIC = "synthetic"
+FILES = "files"
+BUILTIN_DATASETS = (EMBEDDED, SYNTHETIC, FILES)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What to read, how to tokenize it and how long a packed row is.
+
+    dataset: "embedded" (stdlib sources), "synthetic" (seeded key-recall documents), "files"
+      (a glob of .txt / .jsonl files) or the name of a TFDS dataset prepared in `data_dir`
+      in array_record format, optionally with config and version ("pg19", "pg19:0.1.1").
+    data_dir: TFDS data_dir; "" uses TFDS's default (~/tensorflow_datasets or $TFDS_DATA_DIR).
+    files: glob for dataset="files"; a .txt file is one document, a .jsonl line is one document.
+    text_key: the feature (TFDS) or JSON key (.jsonl) holding the text.
+    train_split / eval_split: TFDS split names (slicing such as "train[:90%]" works for TFDS).
+    tokenizer: "bytes", "sentencepiece:/path/model" or "hf:/path/tokenizer.json or folder".
+    seq_len: packed row length T.
+    seed: shuffle seed.
+    num_workers: Grain worker processes; 0 reads in-process.
+    """
+
+    dataset: str = EMBEDDED
+    data_dir: str = ""
+    files: str = ""
+    text_key: str = "text"
+    train_split: str = "train"
+    eval_split: str = "validation"
+    tokenizer: str = "bytes"
+    seq_len: int = 256
+    seed: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self):
+        if not self.dataset:
+            raise ValueError(
+                "data.dataset is empty: set it to 'embedded', 'synthetic', 'files' or a TFDS "
+                "dataset name such as 'pg19'."
+            )
+        if self.dataset == FILES and not self.files:
+            raise ValueError(
+                "data.files is empty but data.dataset='files': set data.files to a glob such "
+                "as '/data/books/**/*.txt' or '/data/corpus/*.jsonl'."
+            )
+        if not self.text_key:
+            raise ValueError(
+                "data.text_key is empty: name the feature holding the text, e.g. 'text'."
+            )
+        for key in ("train_split", "eval_split"):
+            if not getattr(self, key):
+                raise ValueError(
+                    f"data.{key} is empty: name a split such as 'train' or 'validation'."
+                )
+        if self.seq_len < 2:
+            raise ValueError(f"data.seq_len={self.seq_len} must be at least 2, e.g. 256.")
+        if self.num_workers < 0:
+            raise ValueError(
+                f"data.num_workers={self.num_workers} must be >= 0 (0 reads in-process)."
+            )
+        kind = self.tokenizer.split(":", 1)[0]
+        if kind not in ("bytes", "sentencepiece", "hf") or (
+            kind != "bytes" and ":" not in self.tokenizer
+        ):
+            raise ValueError(
+                f"data.tokenizer={self.tokenizer!r} is not understood: use 'bytes', "
+                "'sentencepiece:/path/to/model' or 'hf:/path/to/tokenizer.json' (or its folder)."
+            )
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | Any) -> DataConfig:
+        """Builds the dataclass from `cfg.data` (a ConfigDict or a plain mapping).
+
+        Keys the dataclass does not know are ignored (they belong to other readers of the
+        section); missing keys take the defaults above.
+        """
+        names = [field.name for field in dataclasses.fields(cls)]
+        return cls(**{name: cfg[name] for name in names if name in cfg})

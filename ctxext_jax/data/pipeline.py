@@ -1,0 +1,237 @@
+"""Grain pipeline: shard, shuffle, tokenize, split, pack and batch documents.
+
+One document becomes `[bos] + tokens + [eos]`; its inputs are all but the last token and its
+targets all but the first, so a target is always the next token of the same document. A
+document longer than `seq_len` is cut into `seq_len` pieces; pieces and short documents are
+packed first-fit into rows. Every row carries, per position:
+
+  inputs      int32 [b, T]   token ids (pad_id on padding)
+  targets     int32 [b, T]   next token of the same document (pad_id on padding)
+  segment_ids int32 [b, T]   1, 2, ... per piece in the row, 0 on padding
+  positions   int32 [b, T]   position within the piece, from 0; the continuation of a long
+                             document restarts at 0 in its next row (rows never attend to
+                             each other, so a piece is a document of its own to the model)
+  loss_mask   float32 [b, T] 1 on tokens, 0 on padding
+
+Training order: documents are sharded by index across hosts (`[shard_index::shard_count]`),
+shuffled with a seed that changes every epoch, repeated forever; pieces are shuffled again
+within a window of about a million tokens so that a batch does not hold consecutive pieces
+of one long file. Everything is deterministic given the seed, and the iterator's state is a
+small JSON-serialisable dict (what `grain.checkpoint.CheckpointHandler` stores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from ctxext_jax.data.config import DataConfig
+from ctxext_jax.data.sources import document_tokens, open_split
+from ctxext_jax.data.tokenizer import make_tokenizer
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+# Pieces shuffled together: ~1M tokens regardless of seq_len (a few MB of int32 in memory).
+_WINDOW_TOKENS = 1 << 20
+# Rows packed at once; more bins leave less padding (first-fit emits all bins when a piece
+# fits in none of them).
+_MIN_PACKING_BINS = 64
+
+
+class _Tokenize(grain.transforms.Map):
+    """text -> {"inputs": int32 [N + 1], "targets": int32 [N + 1]} of one document."""
+
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer
+
+    def map(self, text: str) -> dict[str, np.ndarray]:
+        tokens = document_tokens(self._tokenizer, text)
+        return {"inputs": tokens[:-1], "targets": tokens[1:]}
+
+
+class _SplitPieces(grain.experimental.FlatMapTransform):
+    """A document -> consecutive pieces of at most seq_len tokens (the last may be shorter)."""
+
+    def __init__(self, seq_len: int):
+        self._seq_len = seq_len
+        # Only MapDataset flat-maps need a bound; the IterDataset one takes any fan-out.
+        self.max_fan_out = 1 << 30
+
+    def flat_map(self, doc: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        n, t = len(doc["inputs"]), self._seq_len
+        return [{k: v[s : s + t] for k, v in doc.items()} for s in range(0, n, t)]
+
+
+def _finalize(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    segment_ids = row["inputs_segment_ids"]
+    return {
+        "inputs": row["inputs"],
+        "targets": row["targets"],
+        "segment_ids": segment_ids,
+        "positions": row["inputs_positions"],
+        "loss_mask": (segment_ids > 0).astype(np.float32),
+    }
+
+
+def packed_rows(
+    documents: Sequence[str],
+    tokenizer: Any,
+    *,
+    seq_len: int,
+    seed: int,
+    shuffle: bool,
+    num_epochs: int | None,
+    num_bins: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+) -> grain.IterDataset:
+    """Rows of `BATCH_KEYS` ([T] each) from a random-access sequence of texts.
+
+    num_epochs=None repeats forever (reshuffled every epoch when `shuffle`).
+    """
+    ds = grain.MapDataset.source(documents)[shard_index::shard_count]
+    if len(ds) == 0:
+        raise ValueError(
+            f"host shard {shard_index} of {shard_count} holds no documents (the split has "
+            f"{len(documents)}); use fewer hosts or a larger dataset."
+        )
+    if shuffle:
+        ds = ds.shuffle(seed)
+    ds = ds.repeat(num_epochs).map(_Tokenize(tokenizer))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
+    it = grain.experimental.FlatMapIterDataset(it, _SplitPieces(seq_len))
+    if shuffle:
+        it = grain.experimental.WindowShuffleIterDataset(
+            it, window_size=max(16, _WINDOW_TOKENS // seq_len), seed=seed
+        )
+    pad = int(tokenizer.pad_id)
+    it = grain.experimental.FirstFitPackIterDataset(
+        it,
+        length_struct={"inputs": seq_len, "targets": seq_len},
+        num_packing_bins=num_bins,
+        seed=seed,
+        shuffle_bins=shuffle,
+        padding_struct={"inputs": pad, "targets": pad},
+    )
+    return it.map(_finalize)
+
+
+def train_iterator(
+    cfg: DataConfig,
+    *,
+    global_batch_size: int,
+    seq_len: int,
+    seed: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+) -> grain.DatasetIterator:
+    """Infinite iterator of this host's batches: dict of `BATCH_KEYS`, each [b, T] with
+    b = global_batch_size // shard_count.
+
+    Checkpoint with `it.get_state()` (a JSON-serialisable dict) and `it.set_state(state)` on a
+    freshly built iterator with the same arguments, or with `grain.checkpoint.CheckpointHandler`.
+    """
+    if shard_count < 1 or not 0 <= shard_index < shard_count:
+        raise ValueError(
+            f"shard_index={shard_index}, shard_count={shard_count}: need "
+            "0 <= shard_index < shard_count (jax.process_index(), jax.process_count())."
+        )
+    if global_batch_size % shard_count:
+        raise ValueError(
+            f"train.batch_size={global_batch_size} is not divisible by the {shard_count} hosts; "
+            "make it a multiple of jax.process_count()."
+        )
+    if seq_len < 2:
+        raise ValueError(f"data.seq_len={seq_len} must be at least 2, e.g. 256.")
+    batch = global_batch_size // shard_count
+    documents, _ = open_split(cfg, cfg.train_split)
+    rows = packed_rows(
+        documents,
+        make_tokenizer(cfg.tokenizer),
+        seq_len=seq_len,
+        seed=seed,
+        shuffle=True,
+        num_epochs=None,
+        num_bins=max(batch, _MIN_PACKING_BINS),
+        shard_index=shard_index,
+        shard_count=shard_count,
+    )
+    it = rows.batch(batch, drop_remainder=True)
+    if cfg.num_workers:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    return iter(it)
+
+
+def _pad_rows(batch: dict[str, np.ndarray], rows: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Pads a short final batch with empty rows (segment 0, loss_mask 0)."""
+    missing = rows - len(batch["inputs"])
+    out = {}
+    for key, value in batch.items():
+        fill = pad_id if key in ("inputs", "targets") else 0
+        out[key] = np.concatenate([value, np.full((missing, *value.shape[1:]), fill, value.dtype)])
+    return out
+
+
+def eval_batches(
+    cfg: DataConfig, *, batch_size: int, seq_len: int, max_batches: int | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """The eval split once, in order, packed like training (no shuffle); the same batches
+    every call. The last batch is padded to `batch_size` rows with loss_mask 0."""
+    if batch_size < 1:
+        raise ValueError(f"eval batch_size={batch_size} must be >= 1.")
+    documents, _ = open_split(cfg, cfg.eval_split)
+    tokenizer = make_tokenizer(cfg.tokenizer)
+    rows = packed_rows(
+        documents,
+        tokenizer,
+        seq_len=seq_len,
+        seed=0,
+        shuffle=False,
+        num_epochs=1,
+        num_bins=max(batch_size, _MIN_PACKING_BINS),
+    )
+    for i, batch in enumerate(rows.batch(batch_size, drop_remainder=False)):
+        if max_batches is not None and i >= max_batches:
+            return
+        yield _pad_rows(batch, batch_size, int(tokenizer.pad_id))
+
+
+def eval_documents(cfg: DataConfig, split: str | None = None) -> Iterator[str]:
+    """Raw texts of `split` (default: the eval split) in dataset order, for long-context
+    evaluation that needs whole documents."""
+    documents, _ = open_split(cfg, split or cfg.eval_split)
+    for i in range(len(documents)):
+        yield documents[i]
+
+
+def dataset_info(cfg: DataConfig, *, count_tokens: bool = True) -> dict[str, Any]:
+    """Name, provenance, tokenizer and per-split document (and token) counts.
+
+    Token counts include bos and eos and need one pass over the split; pass
+    count_tokens=False for large datasets.
+    """
+    tokenizer = make_tokenizer(cfg.tokenizer)
+    info: dict[str, Any] = {
+        "config": dataclasses.asdict(cfg),
+        "tokenizer": {
+            "spec": cfg.tokenizer,
+            "vocab_size": int(tokenizer.vocab_size),
+            "bos_id": int(tokenizer.bos_id),
+            "eos_id": int(tokenizer.eos_id),
+            "pad_id": int(tokenizer.pad_id),
+        },
+        "splits": {},
+    }
+    for split in dict.fromkeys((cfg.train_split, cfg.eval_split)):
+        documents, description = open_split(cfg, split)
+        info.update(description)
+        counts = {"documents": len(documents)}
+        if count_tokens:
+            counts["tokens"] = int(
+                sum(len(document_tokens(tokenizer, documents[i])) for i in range(len(documents)))
+            )
+        info["splits"][split] = counts
+    return info

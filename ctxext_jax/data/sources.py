@@ -1,0 +1,199 @@
+"""Random-access document sources: a split of a dataset as `len()` + `[i] -> str`.
+
+TFDS datasets (the embedded builders or any dataset the user prepared in array_record format)
+are read through `tfds.data_source`; a glob of local .txt / .jsonl files is indexed in memory
+(path, byte offset, length per document) and read on demand, so Grain can shuffle and shard
+any of them by index.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ctxext_jax.data.config import EMBEDDED, FILES, SYNTHETIC, DataConfig
+
+
+class TextSource:
+    """Wraps a TFDS data source, keeping only the text feature, decoded to str."""
+
+    def __init__(self, records: Any, text_key: str, *, where: str):
+        self._records = records
+        self._text_key = text_key
+        self._where = where
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> str:
+        record = self._records[int(index)]
+        if self._text_key not in record:
+            raise ValueError(
+                f"data.text_key={self._text_key!r} is not a feature of {self._where}; "
+                f"its features are {sorted(record)}."
+            )
+        text = record[self._text_key]
+        return text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+
+    def __repr__(self) -> str:
+        return f"TextSource({self._where}, key={self._text_key!r}, n={len(self)})"
+
+
+class FilesSource:
+    """Documents from local files: a whole .txt file, or one JSON object per .jsonl line.
+
+    documents: sequence of (path, byte offset, byte length, is_jsonl).
+    """
+
+    def __init__(self, documents: Sequence[tuple[str, int, int, bool]], text_key: str):
+        self._documents = list(documents)
+        self._text_key = text_key
+
+    def __len__(self) -> int:
+        return len(self._documents)
+
+    def __getitem__(self, index: int) -> str:
+        path, offset, length, is_jsonl = self._documents[int(index)]
+        with open(path, "rb") as f:
+            f.seek(offset)
+            raw = f.read(length)
+        if not is_jsonl:
+            return raw.decode("utf-8", errors="replace")
+        record = json.loads(raw)
+        if not isinstance(record, dict) or not isinstance(record.get(self._text_key), str):
+            raise ValueError(
+                f"data.text_key={self._text_key!r}: line at byte {offset} of {path} has no string "
+                f"field {self._text_key!r}; set data.text_key to the JSON key holding the text."
+            )
+        return record[self._text_key]
+
+    def __repr__(self) -> str:
+        return f"FilesSource(n={len(self)})"
+
+
+def _index_files(pattern: str) -> list[tuple[str, int, int, bool, str]]:
+    """(path, offset, length, is_jsonl, split key) for every document the glob names."""
+    paths = sorted(
+        p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
+    )
+    paths = [p for p in paths if p.endswith((".txt", ".jsonl"))]
+    if not paths:
+        raise ValueError(
+            f"data.files={pattern!r} matches no .txt or .jsonl file; give a glob such as "
+            "'/data/books/**/*.txt' (** needs the recursive form) or '/data/c4/*.jsonl'."
+        )
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    documents = []
+    for path in paths:
+        rel = os.path.relpath(os.path.abspath(path), root)
+        if path.endswith(".txt"):
+            size = os.path.getsize(path)
+            if size:
+                documents.append((path, 0, size, False, rel))
+            continue
+        offset = 0
+        with open(path, "rb") as f:
+            for line_no, line in enumerate(f):
+                if line.strip():
+                    documents.append((path, offset, len(line), True, f"{rel}:{line_no}"))
+                offset += len(line)
+    return documents
+
+
+def files_split(pattern: str, text_key: str, split: str) -> FilesSource:
+    """The "train" or "validation" documents of a glob, split by a hash of path(:line)."""
+    from ctxext_jax.data.builders import split_of
+
+    if split not in ("train", "validation"):
+        raise ValueError(
+            f"split {split!r} is not a split of data.dataset='files': use 'train' or "
+            "'validation' for data.train_split / data.eval_split (about 5% of the documents, "
+            "chosen by a hash of their path and line, are validation)."
+        )
+    documents = [d[:4] for d in _index_files(pattern) if split_of(d[4]) == split]
+    return FilesSource(documents, text_key)
+
+
+def _builder_for(cfg: DataConfig):
+    """The embedded or synthetic builder, prepared into data_dir on first use."""
+    from ctxext_jax.data import builders
+
+    cls = builders.CtxextEmbedded if cfg.dataset == EMBEDDED else builders.CtxextSynthetic
+    builder = cls(data_dir=cfg.data_dir or None, file_format="array_record")
+    builder.download_and_prepare()
+    return builder
+
+
+def _tfds_source(cfg: DataConfig, split: str):
+    """A dataset the user prepared; never downloads (pg19 alone is 11 GB)."""
+    import tensorflow_datasets as tfds
+
+    where = f"data.dataset={cfg.dataset!r} in data_dir={cfg.data_dir or '(TFDS default)'}"
+    fix = (
+        f"prepare it first, e.g. `tfds build {cfg.dataset} --file_format=array_record"
+        + (f" --data_dir={cfg.data_dir}`" if cfg.data_dir else "`")
+        + " (an existing tfrecord copy converts with `tfds convert_format`), or set data.dataset "
+        "to 'embedded', 'synthetic' or 'files'."
+    )
+    try:
+        builder = tfds.builder(cfg.dataset, data_dir=cfg.data_dir or None)
+    except Exception as e:  # TFDS raises several unrelated types for an unknown name.
+        raise ValueError(f"{where} is not a known or prepared TFDS dataset ({e}); {fix}") from e
+    if not builder.is_prepared():
+        raise ValueError(f"{where} is not prepared; {fix}")
+    try:
+        records = builder.as_data_source(split=split)
+    except Exception as e:  # A tfrecord-only copy or an unknown split.
+        raise ValueError(
+            f"{where}: cannot open split {split!r} for random access ({e}); the splits are "
+            f"{sorted(builder.info.splits)} and the files must be array_record; {fix}"
+        ) from e
+    return builder, TextSource(records, cfg.text_key, where=where)
+
+
+def open_split(cfg: DataConfig, split: str) -> tuple[Sequence[str], dict]:
+    """(documents of `split`, description) for any configured dataset.
+
+    Raises ValueError naming the config key for an unknown dataset, an unmatched glob or an
+    empty split.
+    """
+    if cfg.dataset == FILES:
+        source = files_split(cfg.files, cfg.text_key, split)
+        info = {"name": "files", "files": cfg.files}
+    else:
+        if cfg.dataset in (EMBEDDED, SYNTHETIC):
+            builder = _builder_for(cfg)
+            source = TextSource(
+                builder.as_data_source(split=split), "text", where=builder.info.full_name
+            )
+        else:
+            builder, source = _tfds_source(cfg, split)
+        info = {
+            "name": builder.info.full_name,
+            "description": builder.info.description,
+            "provenance": dict(builder.info.metadata or {}),
+            "data_dir": str(builder.data_dir),
+        }
+    if len(source) == 0:
+        key = "data.eval_split" if split == cfg.eval_split else "data.train_split"
+        raise ValueError(
+            f"{key}={split!r} of data.dataset={cfg.dataset!r} has no documents; choose a split "
+            "that has some"
+            + (
+                " or add more files (about 5% of them become validation)."
+                if cfg.dataset == FILES
+                else "."
+            )
+        )
+    return source, info
+
+
+def document_tokens(tokenizer: Any, text: str) -> np.ndarray:
+    """[bos] + tokens + [eos] as int32 [N + 2]."""
+    body = tokenizer.encode_array(text)
+    return np.concatenate([[tokenizer.bos_id], body, [tokenizer.eos_id]]).astype(np.int32)
