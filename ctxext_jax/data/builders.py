@@ -24,13 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-_VALIDATION_PER_MILLE = 50  # ~5% of documents go to the validation split.
-
-
-def split_of(key: str) -> str:
-    """Deterministic train/validation assignment from a stable hash of a document's key."""
-    bucket = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little") % 1000
-    return "validation" if bucket < _VALIDATION_PER_MILLE else "train"
+from ctxext_jax.data.sources import VALIDATION_PER_MILLE, split_of
 
 
 def stdlib_files() -> tuple[pathlib.Path, list[str]]:
@@ -69,7 +63,7 @@ def embedded_provenance() -> dict:
         "stdlib_path": str(root),
         "num_files": len(paths),
         "file_list_sha256": _file_list_hash(paths),
-        "split_rule": f"sha256(relative path) % 1000 < {_VALIDATION_PER_MILLE} -> validation",
+        "split_rule": f"sha256(relative path) % 1000 < {VALIDATION_PER_MILLE} -> validation",
     }
 
 

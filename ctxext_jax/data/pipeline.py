@@ -28,6 +28,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import flags
 
 from ctxext_jax.data.config import DataConfig
 from ctxext_jax.data.sources import document_tokens, open_split
@@ -161,6 +162,10 @@ def train_iterator(
     )
     it = rows.batch(batch, drop_remainder=True)
     if cfg.num_workers:
+        # Grain 0.2 reads an absl flag when it starts workers; a program that is not an absl
+        # app has not parsed flags, so mark them parsed (defaults) as absl.app.run would.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
     return iter(it)
 

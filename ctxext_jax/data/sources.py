@@ -9,6 +9,7 @@ any of them by index.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -17,6 +18,14 @@ from typing import Any
 import numpy as np
 
 from ctxext_jax.data.config import EMBEDDED, FILES, SYNTHETIC, DataConfig
+
+VALIDATION_PER_MILLE = 50  # ~5% of documents go to the validation split.
+
+
+def split_of(key: str) -> str:
+    """Deterministic train/validation assignment from a stable hash of a document's key."""
+    bucket = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little") % 1000
+    return "validation" if bucket < VALIDATION_PER_MILLE else "train"
 
 
 class TextSource:
@@ -85,10 +94,10 @@ def _index_files(pattern: str) -> list[tuple[str, int, int, bool, str]]:
     if not paths:
         raise ValueError(
             f"data.files={pattern!r} matches no .txt or .jsonl file; give a glob such as "
-            "'/data/books/**/*.txt' (** needs the recursive form) or '/data/c4/*.jsonl'."
+            "'/data/books/**/*.txt' or '/data/c4/*.jsonl'."
         )
-    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
     documents = []
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
     for path in paths:
         rel = os.path.relpath(os.path.abspath(path), root)
         if path.endswith(".txt"):
@@ -102,13 +111,16 @@ def _index_files(pattern: str) -> list[tuple[str, int, int, bool, str]]:
                 if line.strip():
                     documents.append((path, offset, len(line), True, f"{rel}:{line_no}"))
                 offset += len(line)
+    if not documents:
+        raise ValueError(
+            f"data.files={pattern!r} matches {len(paths)} files but they hold no text (empty "
+            "files and blank .jsonl lines are skipped); point it at non-empty documents."
+        )
     return documents
 
 
 def files_split(pattern: str, text_key: str, split: str) -> FilesSource:
     """The "train" or "validation" documents of a glob, split by a hash of path(:line)."""
-    from ctxext_jax.data.builders import split_of
-
     if split not in ("train", "validation"):
         raise ValueError(
             f"split {split!r} is not a split of data.dataset='files': use 'train' or "
@@ -119,26 +131,24 @@ def files_split(pattern: str, text_key: str, split: str) -> FilesSource:
     return FilesSource(documents, text_key)
 
 
-def _builder_for(cfg: DataConfig):
-    """The embedded or synthetic builder, prepared into data_dir on first use."""
-    from ctxext_jax.data import builders
-
-    cls = builders.CtxextEmbedded if cfg.dataset == EMBEDDED else builders.CtxextSynthetic
-    builder = cls(data_dir=cfg.data_dir or None, file_format="array_record")
-    builder.download_and_prepare()
-    return builder
-
-
-def _tfds_source(cfg: DataConfig, split: str):
-    """A dataset the user prepared; never downloads (pg19 alone is 11 GB)."""
+def _prepared_builder(cfg: DataConfig):
+    """The embedded / synthetic builder, prepared into data_dir on first use, or a TFDS
+    dataset the user prepared (never downloaded here: pg19 alone is 11 GB)."""
     import tensorflow_datasets as tfds
 
-    where = f"data.dataset={cfg.dataset!r} in data_dir={cfg.data_dir or '(TFDS default)'}"
+    from ctxext_jax.data import builders
+
+    if cfg.dataset in (EMBEDDED, SYNTHETIC):
+        cls = builders.CtxextEmbedded if cfg.dataset == EMBEDDED else builders.CtxextSynthetic
+        builder = cls(data_dir=cfg.data_dir or None, file_format="array_record")
+        builder.download_and_prepare()
+        return builder
+    where = f"data.dataset={cfg.dataset!r} in data.data_dir={cfg.data_dir or '(TFDS default)'!r}"
     fix = (
-        f"prepare it first, e.g. `tfds build {cfg.dataset} --file_format=array_record"
+        f"prepare it first with `tfds build {cfg.dataset} --file_format=array_record"
         + (f" --data_dir={cfg.data_dir}`" if cfg.data_dir else "`")
-        + " (an existing tfrecord copy converts with `tfds convert_format`), or set data.dataset "
-        "to 'embedded', 'synthetic' or 'files'."
+        + " (a tfrecord copy converts with `tfds convert_format`), or set data.dataset to "
+        "'embedded', 'synthetic', 'files' or another prepared TFDS name."
     )
     try:
         builder = tfds.builder(cfg.dataset, data_dir=cfg.data_dir or None)
@@ -146,14 +156,28 @@ def _tfds_source(cfg: DataConfig, split: str):
         raise ValueError(f"{where} is not a known or prepared TFDS dataset ({e}); {fix}") from e
     if not builder.is_prepared():
         raise ValueError(f"{where} is not prepared; {fix}")
+    return builder
+
+
+def _tfds_split(cfg: DataConfig, split: str) -> tuple[TextSource, dict]:
+    builder = _prepared_builder(cfg)
+    where = f"data.dataset={cfg.dataset!r} ({builder.info.full_name})"
     try:
         records = builder.as_data_source(split=split)
-    except Exception as e:  # A tfrecord-only copy or an unknown split.
+    except Exception as e:  # An unknown split or a tfrecord-only copy.
         raise ValueError(
-            f"{where}: cannot open split {split!r} for random access ({e}); the splits are "
-            f"{sorted(builder.info.splits)} and the files must be array_record; {fix}"
+            f"{where}: cannot open split {split!r} for random access ({e}); set "
+            f"data.train_split / data.eval_split to one of {sorted(builder.info.splits)} "
+            "(slices like 'train[:5%]' work) and make sure the files are array_record."
         ) from e
-    return builder, TextSource(records, cfg.text_key, where=where)
+    text_key = "text" if cfg.dataset in (EMBEDDED, SYNTHETIC) else cfg.text_key
+    info = {
+        "name": builder.info.full_name,
+        "description": builder.info.description,
+        "provenance": dict(builder.info.metadata or {}),
+        "data_dir": str(builder.data_dir),
+    }
+    return TextSource(records, text_key, where=where), info
 
 
 def open_split(cfg: DataConfig, split: str) -> tuple[Sequence[str], dict]:
@@ -163,32 +187,16 @@ def open_split(cfg: DataConfig, split: str) -> tuple[Sequence[str], dict]:
     empty split.
     """
     if cfg.dataset == FILES:
-        source = files_split(cfg.files, cfg.text_key, split)
-        info = {"name": "files", "files": cfg.files}
+        source, info = files_split(cfg.files, cfg.text_key, split), {"name": "files"}
+        info["files"] = cfg.files
     else:
-        if cfg.dataset in (EMBEDDED, SYNTHETIC):
-            builder = _builder_for(cfg)
-            source = TextSource(
-                builder.as_data_source(split=split), "text", where=builder.info.full_name
-            )
-        else:
-            builder, source = _tfds_source(cfg, split)
-        info = {
-            "name": builder.info.full_name,
-            "description": builder.info.description,
-            "provenance": dict(builder.info.metadata or {}),
-            "data_dir": str(builder.data_dir),
-        }
+        source, info = _tfds_split(cfg, split)
     if len(source) == 0:
         key = "data.eval_split" if split == cfg.eval_split else "data.train_split"
+        more = " or add more files (about 5% become validation)" if cfg.dataset == FILES else ""
         raise ValueError(
-            f"{key}={split!r} of data.dataset={cfg.dataset!r} has no documents; choose a split "
-            "that has some"
-            + (
-                " or add more files (about 5% of them become validation)."
-                if cfg.dataset == FILES
-                else "."
-            )
+            f"{key}={split!r} of data.dataset={cfg.dataset!r} has no documents; choose a "
+            f"split that has some{more}."
         )
     return source, info
 
