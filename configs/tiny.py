@@ -1,0 +1,42 @@
+"""A tiny decoder on the embedded corpus: trains on 2 CPU cores in a few minutes.
+
+  python -m ctxext_jax.train --config configs/tiny.py --workdir runs/tiny
+  python -m ctxext_jax.train --config configs/tiny.py:extend --workdir runs/tiny-4x \
+      --config.checkpoint.init_from=runs/tiny
+
+`extend` continues pretraining the base model at 4x its sequence length with YaRN (factor 4,
+original length = the base run's), the context-extension recipe of the YaRN paper.
+"""
+
+from ctxext_jax.config import defaults
+
+BASE_LEN = 256
+
+
+def get_config(arg: str = "base"):
+    c = defaults()
+    c.model.update(
+        vocab_size=320, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,
+        mlp_dim=384, max_position_embeddings=BASE_LEN, dtype="float32",
+    )  # fmt: skip
+    c.data.seq_len = BASE_LEN
+    c.train.update(steps=300, batch_size=16, log_every=10)
+    c.optim.update(lr=3e-3, warmup_steps=30)
+    c.checkpoint.update(every=100, keep=2)
+    c.eval.update(every=100, batches=8, batch_size=16)
+    if arg == "extend":
+        factor = 4
+        c.data.seq_len = factor * BASE_LEN
+        c.model.max_position_embeddings = factor * BASE_LEN
+        c.model.rope = {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": float(factor),
+            "original_max_position_embeddings": BASE_LEN,
+        }
+        c.train.update(steps=100, batch_size=4)
+        c.optim.update(lr=1e-3, warmup_steps=10)
+        c.eval.update(every=50, batch_size=4)
+    elif arg != "base":
+        raise ValueError(f"configs/tiny.py: unknown variant {arg!r}; use 'base' or 'extend'.")
+    return c

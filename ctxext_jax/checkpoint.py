@@ -1,0 +1,181 @@
+"""Orbax checkpoints: save, resume exactly, reshard onto any mesh, and start from another run.
+
+A step directory holds five items:
+  params     the model parameters (a pure dict of arrays)
+  opt_state  {"step", "opt_state"}: the optimizer state and the step counter
+  data       the Grain iterator state, one JSON file per host
+  config     the whole run config (JSON), for the record
+  model      the ModelConfig (JSON): what `init_from`, evaluation and export rebuild the model from
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import orbax.checkpoint as ocp
+from etils import epath
+
+ITEMS = ("params", "opt_state", "data", "config", "model")
+
+
+def _step_dirs(directory: epath.Path) -> list[epath.Path]:
+    return sorted(
+        (p for p in directory.iterdir() if p.is_dir() and p.name.isdigit()),
+        key=lambda p: int(p.name),
+    )
+
+
+def resolve_init_from(path: str) -> epath.Path:
+    """A run's workdir, its `checkpoints/` dir or one step dir -> the step dir to load weights
+    from (the latest finished step). Raises FileNotFoundError / ValueError saying what to give."""
+    root = epath.Path(os.path.expanduser(path))
+    if not root.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist; give a training run's workdir (e.g. runs/tiny), its "
+            "checkpoints/ folder or one step folder inside it."
+        )
+    if (root / "checkpoints").is_dir():
+        root = root / "checkpoints"
+    if (root / "params").is_dir():
+        step_dir = root
+    else:
+        steps = [p for p in _step_dirs(root) if (p / "params").is_dir()]
+        if not steps:
+            raise ValueError(
+                f"{path} holds no checkpoint (no <step>/params folder); point it at a finished "
+                "run's workdir or checkpoint folder."
+            )
+        step_dir = steps[-1]
+    if not (step_dir / "model").is_dir():
+        raise ValueError(f"{step_dir} has no 'model' item: it is not a ctxext_jax checkpoint.")
+    return step_dir
+
+
+def read_model_json(step_dir: epath.Path) -> dict[str, Any]:
+    """The ModelConfig fields saved beside a checkpoint's parameters."""
+    files = list((step_dir / "model").glob("*"))
+    try:
+        meta = ocp.JsonCheckpointHandler().restore(step_dir / "model")
+    except Exception as e:  # orbax raises several types for a damaged JSON item
+        raise ValueError(
+            f"{step_dir}/model ({[f.name for f in files]}) is unreadable ({e}); the checkpoint "
+            "is damaged: use an earlier step or re-run the source training."
+        ) from None
+    return meta
+
+
+# Fields that may differ between a source run and one initialised from it: they change no shape.
+MAY_CHANGE = frozenset(
+    {"max_position_embeddings", "rope", "local_rope", "alibi", "layer_pattern", "window", "chunk",
+     "sinks", "attention_impl", "dtype", "remat", "scan_layers", "init_std"}
+)  # fmt: skip
+
+
+def check_compatible(source: dict[str, Any], target) -> None:
+    """Raises ValueError naming each shape-changing model field that differs from the source."""
+    target_fields = json.loads(target.to_json())
+    diffs = {
+        k: (source.get(k), v)
+        for k, v in target_fields.items()
+        if k not in MAY_CHANGE and source.get(k) != v
+    }
+    if diffs:
+        listing = ", ".join(
+            f"model.{k}: source {a!r} vs this run {b!r}" for k, (a, b) in diffs.items()
+        )
+        raise ValueError(
+            f"checkpoint.init_from: the source model differs in shape-defining fields ({listing}); "
+            "set them to the source's values (positions, windows and lengths may change)."
+        )
+
+
+def load_params(step_dir: epath.Path, abstract_params: Any) -> Any:
+    """Restores the `params` item onto the shardings of `abstract_params` (ShapeDtypeStructs)."""
+    try:
+        return ocp.StandardCheckpointer().restore(step_dir / "params", abstract_params)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise ValueError(
+            f"could not load parameters from {step_dir}/params: {e}. The checkpoint's model shape "
+            "must match model.* of this run (only positions and attention patterns may change)."
+        ) from None
+
+
+class Checkpointer:
+    """A CheckpointManager over `workdir/checkpoints` that saves and restores the whole run."""
+
+    def __init__(self, workdir: str, *, every: int, keep: int):
+        self.directory = epath.Path(os.path.abspath(workdir)) / "checkpoints"
+        self.every = every
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            item_names=ITEMS,
+            item_handlers={
+                "params": ocp.StandardCheckpointHandler(),
+                "opt_state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+                "model": ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: dict, data_iterator, *, config_json, model_json, force=False):
+        """Saves if `step` is a multiple of `every` (or `force`); asynchronous for arrays."""
+        if not force and step % self.every:
+            return
+        if step in self.manager.all_steps():
+            return
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state["params"]),
+                opt_state=ocp.args.StandardSave(
+                    {"step": state["step"], "opt_state": state["opt_state"]}
+                ),
+                data=grain.checkpoint.CheckpointSave(data_iterator),
+                config=ocp.args.JsonSave(json.loads(config_json)),
+                model=ocp.args.JsonSave(json.loads(model_json)),
+            ),
+            force=True,
+        )
+
+    def restore(self, abstract_state: dict, data_iterator, step: int | None = None):
+        """-> (state, data_iterator) at `step` (default latest), placed like `abstract_state`."""
+        step = self.latest_step() if step is None else step
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract_state["params"]),
+                    opt_state=ocp.args.StandardRestore(
+                        {"step": abstract_state["step"], "opt_state": abstract_state["opt_state"]}
+                    ),
+                    data=grain.checkpoint.CheckpointRestore(data_iterator),
+                ),
+            )
+        except Exception as e:  # orbax/tensorstore raise many types for a damaged step
+            raise ValueError(
+                f"checkpoint step {step} under {self.directory} could not be restored ({e}). "
+                "If the run's model config changed, use a new --workdir with "
+                "checkpoint.init_from instead; if that step is damaged, delete "
+                f"{self.directory / str(step)} to resume from the previous one."
+            ) from None
+        state = {
+            "step": restored.opt_state["step"],
+            "params": restored.params,
+            "opt_state": restored.opt_state["opt_state"],
+        }
+        return state, restored.data
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,69 @@
+"""The Optax chain from config: AdamW, warmup then cosine / linear decay, clipping, accumulation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float
+    warmup_steps: int
+    schedule: str
+    min_lr_ratio: float
+    weight_decay: float
+    b1: float
+    b2: float
+    eps: float
+    grad_clip: float
+    total_steps: int
+
+    @classmethod
+    def from_config(cls, optim_cfg, *, total_steps: int) -> OptimConfig:
+        return cls(**optim_cfg.to_dict(), total_steps=total_steps)
+
+
+def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
+    """Linear warmup from 0 to `lr`, then cosine or linear decay to `lr * min_lr_ratio`."""
+    end = cfg.lr * cfg.min_lr_ratio
+    decay_steps = max(cfg.total_steps - cfg.warmup_steps, 1)
+    if cfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)
+    elif cfg.schedule == "linear":
+        decay = optax.linear_schedule(cfg.lr, end, decay_steps)
+    else:
+        decay = optax.constant_schedule(cfg.lr)
+    warmup = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+    return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+
+
+NO_DECAY = frozenset({"scale", "bq", "bk", "bv"})
+
+
+def _decay_mask(params):
+    """Weight decay on weight matrices and embeddings, not on norm scales or biases."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: str(getattr(path[-1], "key", path[-1])) not in NO_DECAY, params
+    )
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW. Gradient accumulation is done in the train step itself
+    (a scan over micro-batches), so the optimizer always sees one averaged gradient per step."""
+    parts = []
+    if cfg.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+    parts.append(
+        optax.adamw(
+            learning_rate_schedule(cfg),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=_decay_mask,
+        )
+    )
+    return optax.chain(*parts)

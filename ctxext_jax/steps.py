@@ -1,0 +1,107 @@
+"""The pure step functions: loss, train step with gradient accumulation, eval step.
+
+Train state is a plain pytree: {"step": int32[], "params": pure dict, "opt_state": optax state}.
+The model is rebuilt from its graphdef and the parameters inside each traced function, so the
+whole state goes in and out of `jax.jit` and into the checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def make_apply(graphdef: nnx.GraphDef, abstract_state: nnx.State) -> Callable:
+    """-> apply(params, inputs, positions, segment_ids) -> float32 logits [B, T, V]."""
+
+    def apply(params, inputs, *, positions=None, segment_ids=None):
+        state = jax.tree.map(lambda x: x, abstract_state)
+        nnx.replace_by_pure_dict(state, params)
+        model = nnx.merge(graphdef, state)
+        return model(inputs, positions=positions, segment_ids=segment_ids)
+
+    return apply
+
+
+def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """logits [B, T, V] float32, targets [B, T] -> cross-entropy per token [B, T]."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+
+
+def loss_sums(apply: Callable, params, batch) -> tuple[jax.Array, jax.Array]:
+    """(sum of masked token losses, number of scored tokens) of one batch."""
+    logits = apply(
+        params, batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"]
+    )
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(token_losses(logits, batch["targets"]) * mask), jnp.sum(mask)
+
+
+def make_train_step(
+    apply: Callable,
+    tx: optax.GradientTransformation,
+    *,
+    grad_accum: int,
+    learning_rate: optax.Schedule,
+) -> Callable:
+    """-> train_step(state, batch) -> (state, metrics). With `grad_accum` > 1 the batch is split
+    into micro-batches scanned in order; gradients of the summed loss are added and divided by
+    the total token count once, so the update equals the one of the whole batch at once."""
+
+    def grads_of(params, batch):
+        def summed(p):
+            total, count = loss_sums(apply, p, batch)
+            return total, count
+
+        (total, count), grads = jax.value_and_grad(summed, has_aux=True)(params)
+        return total, count, grads
+
+    def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
+        params = state["params"]
+        if grad_accum == 1:
+            total, count, grads = grads_of(params, batch)
+        else:
+            micro = jax.tree.map(
+                lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch
+            )
+            zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+                    jax.tree.map(jnp.zeros_like, params))  # fmt: skip
+
+            def accumulate(carry, micro_batch):
+                total, count, grads = grads_of(params, micro_batch)
+                return jax.tree.map(jnp.add, carry, (total, count, grads)), None
+
+            (total, count, grads), _ = jax.lax.scan(accumulate, zero, micro)
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+        }
+        metrics = {
+            "loss": total / count,
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": learning_rate(state["step"]),
+            "tokens": count,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(apply: Callable) -> Callable:
+    """-> eval_step(params, batch) -> (sum of token losses, token count)."""
+
+    def eval_step(params, batch):
+        return loss_sums(apply, params, batch)
+
+    return eval_step
