@@ -217,7 +217,7 @@ def _xla(q, k, v, mask, bias, alibi_slopes, scale, softcap):
     return out.reshape(B, T, H, D).astype(q.dtype)
 
 
-def _cudnn(q, k, v, mask, bias, scale):
+def _cudnn(q, k, v, mask, bias, scale, *, dpa_implementation="cudnn"):
     """jax.nn.dot_product_attention(implementation="cudnn").
 
     Causal and sliding-window patterns go through is_causal / local_window_size, so cuDNN skips
@@ -225,13 +225,14 @@ def _cudnn(q, k, v, mask, bias, scale):
     in jax.nn.dot_product_attention (JAX 0.10/0.11), so they are passed as an explicit
     [B, 1, T, S] boolean mask: exact, at the cost of T x S mask memory (auto prefers blockwise
     then). Query rows with no visible key are zeroed afterwards (cuDNN would average them).
+    dpa_implementation="xla" runs the same translation through JAX's XLA path (CPU tests).
     """
     B, T, H, D = q.shape
     S = k.shape[1]
     if _needs_dense_mask(mask, T, S):
         keep = mask.dense(T, S)  # [B|1, T, S]
         out = jax.nn.dot_product_attention(
-            q, k, v, bias=bias, mask=keep[:, None], scale=scale, implementation="cudnn"
+            q, k, v, bias=bias, mask=keep[:, None], scale=scale, implementation=dpa_implementation
         )
         return jnp.where(jnp.any(keep, axis=-1)[:, :, None, None], out, 0).astype(q.dtype)
     window = None if mask.window is None else (mask.window - 1, 0)
@@ -243,7 +244,7 @@ def _cudnn(q, k, v, mask, bias, scale):
         scale=scale,
         is_causal=mask.causal,
         local_window_size=window,
-        implementation="cudnn",
+        implementation=dpa_implementation,
     ).astype(q.dtype)
 
 
@@ -283,8 +284,9 @@ def splash_pattern_mask(mask: Mask, T: int, S: int):
     return PatternMask((T, S), static)
 
 
-def _splash(q, k, v, mask, scale, softcap):
-    """Pallas splash attention (TPU), one kernel per batch row via vmap."""
+def _splash(q, k, v, mask, scale, softcap, *, interpret=False):
+    """Pallas splash attention (TPU), one kernel per batch row via vmap. interpret=True runs
+    the Pallas interpreter (CPU tests)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     B, T, H, D = q.shape
@@ -308,6 +310,7 @@ def _splash(q, k, v, mask, scale, softcap):
         attn_logits_soft_cap=softcap or None,
         head_shards=1,
         q_seq_shards=1,
+        interpret=interpret,
     )
     qh = jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 1, 2)  # [B, H, T, D], splash does not scale
     kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, S, D]
