@@ -39,7 +39,8 @@ def alibi_bias(
     rolling window passes the positions its slots hold. Future keys get a positive bias; the
     causal mask removes them.
     """
-    distance = q_positions[:, :, None] - kv_positions[:, None, :]  # [B, T, S], exact in int
+    # k - q rather than -(q - k): the same value without negative zeros on the diagonal.
+    offset = kv_positions[:, None, :] - q_positions[:, :, None]  # [B, T, S], exact in int
     slopes = jnp.asarray(slopes, jnp.float32)[None, :, None, None]
     # A broadcast product, not an einsum: TPUs run float32 dot_generals at bf16 precision.
-    return -slopes * distance.astype(jnp.float32)[:, None, :, :]
+    return slopes * offset.astype(jnp.float32)[:, None, :, :]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import difflib
 import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -95,9 +96,11 @@ class RopeScaling(abc.ABC):
         rope_theta: float | None = None,
         partial_rotary_factor: float | None = None,
         key: str = "rope",
+        head_dim: int | None = None,
     ) -> RopeScaling:
         """Parses a `rope_scaling` block (older transformers: `type`, theta in the outer config,
-        passed as `rope_theta=`) or a `rope_parameters` block (newer: `rope_type`, `rope_theta`)."""
+        passed as `rope_theta=`) or a `rope_parameters` block (newer: `rope_type`, `rope_theta`).
+        With head_dim, also checks what depends on it (rotary dim, longrope list lengths)."""
         values = _plain(block, key)
         type_names = {values.pop(k) for k in ("type", "rope_type") if k in values}
         if len(type_names) > 1:
@@ -115,23 +118,26 @@ class RopeScaling(abc.ABC):
             values.setdefault("partial_rotary_factor", partial_rotary_factor)
         for name in target.ignored_keys:
             values.pop(name, None)
+        allowed = [f.name for f in dataclasses.fields(target)]
+        # Unknown keys first: a typo ("factr") is the cause of the missing key that follows.
+        for name in sorted(set(values) - set(allowed)):
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            _fail(
+                f"{key}.{name}",
+                f"unknown key for rope_type {rope_type!r}; {hint}allowed keys: {sorted(allowed)}",
+            )
         kwargs = {}
         for field in dataclasses.fields(target):
             field_key = f"{key}.{field.name}"
             if field.name in values:
                 kwargs[field.name] = _COERCE[field.type.split(" |")[0]](
-                    values.pop(field.name), field_key
+                    values[field.name], field_key
                 )
             elif field.default is dataclasses.MISSING:
                 _fail(field_key, f"required for rope_type {rope_type!r}; fix: set {field_key}")
-        if values:
-            allowed = sorted(f.name for f in dataclasses.fields(target))
-            _fail(
-                f"{key}.{sorted(values)[0]}",
-                f"unknown key for rope_type {rope_type!r}; allowed keys: {allowed}",
-            )
         scaling = target(**kwargs)
-        scaling.check(key=key)
+        scaling.check(key=key, head_dim=head_dim)
         return scaling
 
     def to_hf(self) -> dict[str, Any]:
@@ -493,12 +499,14 @@ REGISTRY: dict[str, type[RopeScaling]] = {
 }
 
 
-def parse_rope(rope: Mapping[str, Any] | RopeScaling, *, key: str = "rope") -> RopeScaling:
+def parse_rope(
+    rope: Mapping[str, Any] | RopeScaling, *, key: str = "rope", head_dim: int | None = None
+) -> RopeScaling:
     """HF-style rope dict -> frozen dataclass of the registered type; errors name `key.<field>`."""
     if isinstance(rope, RopeScaling):
-        rope.check(key=key)
+        rope.check(key=key, head_dim=head_dim)
         return rope
-    return RopeScaling.from_hf(rope, key=key)
+    return RopeScaling.from_hf(rope, key=key, head_dim=head_dim)
 
 
 def validate_rope(
@@ -506,7 +514,7 @@ def validate_rope(
 ) -> None:
     """Raises one ValueError naming `key.<field>` and the fix; with head_dim, also checks the
     rotary dim and the length of longrope's factor lists."""
-    parse_rope(rope, key=key).check(key=key, head_dim=head_dim)
+    parse_rope(rope, key=key, head_dim=head_dim)
 
 
 def rope_frequencies(
@@ -520,8 +528,7 @@ def rope_frequencies(
     factor, as transformers' ROPE_INIT_FUNCTIONS[rope_type](config, device, seq_len) returns
     them. seq_len is the current length for the dynamic types and longrope (None: the
     configured one). `nope` -> (zeros [0], 1.0)."""
-    scaling = parse_rope(rope)
-    scaling.check(key="rope", head_dim=head_dim)
+    scaling = parse_rope(rope, head_dim=head_dim)
     inv_freq, attention_factor = scaling.frequencies(
         head_dim, max_position_embeddings=max_position_embeddings, seq_len=seq_len
     )
