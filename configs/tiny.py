@@ -37,6 +37,15 @@ def get_config(arg: str = "base"):
         c.train.update(steps=100, batch_size=4)
         c.optim.update(lr=1e-3, warmup_steps=10)
         c.eval.update(every=50, batch_size=4)
+    elif arg == "test":  # seconds per step on CPU: what the test suite trains
+        c.model.update(d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=128)
+        c.model.max_position_embeddings = c.data.seq_len = 64
+        c.train.update(steps=8, batch_size=8, log_every=1)
+        c.optim.update(warmup_steps=2)
+        c.checkpoint.update(every=4)
+        c.eval.update(every=4, batches=2, batch_size=8)
     elif arg != "base":
-        raise ValueError(f"configs/tiny.py: unknown variant {arg!r}; use 'base' or 'extend'.")
+        raise ValueError(
+            f"configs/tiny.py: unknown variant {arg!r}; use 'base', 'extend' or 'test'."
+        )
     return c

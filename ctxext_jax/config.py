@@ -75,6 +75,7 @@ def defaults() -> ml_collections.ConfigDict:
         lr=3e-3,
         warmup_steps=20,
         schedule="cosine",  # cosine | linear | constant
+        decay_steps=0,  # length of warmup + decay; 0: train.steps
         min_lr_ratio=0.1,
         weight_decay=0.1,
         b1=0.9,
@@ -146,8 +147,14 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
             _fail(key, f"unknown value {value!r}; choose one of {sorted(allowed)}.")
     if not o.lr > 0:
         _fail("optim.lr", f"must be > 0, got {o.lr}.")
-    if o.warmup_steps < 0 or o.warmup_steps >= t.steps:
-        _fail("optim.warmup_steps", f"must be in [0, train.steps={t.steps}), got {o.warmup_steps}.")
+    schedule_steps = o.decay_steps or t.steps
+    if o.decay_steps < 0:
+        _fail("optim.decay_steps", f"must be >= 0 (0: train.steps), got {o.decay_steps}.")
+    if o.warmup_steps < 0 or o.warmup_steps >= schedule_steps:
+        _fail(
+            "optim.warmup_steps",
+            f"must be in [0, {schedule_steps}) (the schedule's length), got {o.warmup_steps}.",
+        )
     if not 0 <= o.min_lr_ratio <= 1:
         _fail("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}.")
     if o.grad_clip < 0 or o.weight_decay < 0:

@@ -22,8 +22,11 @@ class OptimConfig:
     total_steps: int
 
     @classmethod
-    def from_config(cls, optim_cfg, *, total_steps: int) -> OptimConfig:
-        return cls(**optim_cfg.to_dict(), total_steps=total_steps)
+    def from_config(cls, optim_cfg, *, train_steps: int) -> OptimConfig:
+        """The schedule spans `optim.decay_steps`, or the whole run when that is 0."""
+        values = optim_cfg.to_dict()
+        total_steps = values.pop("decay_steps") or train_steps
+        return cls(**values, total_steps=total_steps)
 
 
 def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:

@@ -147,6 +147,16 @@ def use_mesh(mesh: Mesh, rules: Sequence[tuple[str, tuple[str, ...]]]) -> Iterat
         _ACTIVE.reset(token)
 
 
+def under_mesh(fn, mesh: Mesh, rules):
+    """`fn` with `use_mesh(mesh, rules)` active while it runs, i.e. while `jax.jit` traces it."""
+
+    def wrapped(*args, **kwargs):
+        with use_mesh(mesh, rules):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical names; the identity when no mesh is active."""
     active = _ACTIVE.get()

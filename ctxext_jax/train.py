@@ -12,13 +12,15 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
@@ -64,6 +66,53 @@ def state_shardings(abstract_params, tx, mesh):
     return {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
 
 
+class Program(NamedTuple):
+    """The jitted functions of a run on one mesh, and the shapes and shardings they use."""
+
+    apply: Callable  # (params, tokens, positions=, segment_ids=) -> logits
+    abstract_params: Any  # ShapeDtypeStructs with shardings
+    abstract_state: Any
+    init_params: Callable  # () -> params, random init, sharded
+    init_state: Callable  # params -> train state (donates params)
+    train_step: Callable  # (state, batch) -> (state, metrics), donates state
+    eval_step: Callable  # (params, batch) -> (loss sum, token count)
+    batch_sharding: jax.sharding.NamedSharding
+
+
+def build_program(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh, rules, *,
+                  grad_accum: int, seed: int) -> Program:  # fmt: skip
+    """Model, optimizer, shardings and the jitted step functions for `mesh`."""
+    apply, abstract_params, init_params = build_model(model_cfg, mesh, rules, seed=seed)
+    tx = make_optimizer(optim_cfg)
+    shardings = state_shardings(abstract_params, tx, mesh)
+    batch_sharding = sharding.named_sharding(mesh, ("batch", "length"), rules)
+
+    def init_state(params):
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    init_state = jax.jit(init_state, out_shardings=shardings, donate_argnums=0)
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(init_state, abstract_params),
+        shardings,
+    )
+    train_step = make_train_step(
+        apply, tx, grad_accum=grad_accum, learning_rate=learning_rate_schedule(optim_cfg)
+    )
+    train_step = jax.jit(
+        sharding.under_mesh(train_step, mesh, rules),
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(
+        sharding.under_mesh(make_eval_step(apply), mesh, rules),
+        in_shardings=(shardings["params"], batch_sharding),
+    )
+    return Program(apply, abstract_params, abstract_state, init_params, init_state, train_step,
+                   eval_step, batch_sharding)  # fmt: skip
+
+
 def device_batch(batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
     """This host's rows -> global arrays sharded over the batch axes of the mesh."""
     return {
@@ -72,13 +121,15 @@ def device_batch(batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.
     }
 
 
-def evaluate_loss(eval_step, params, data_cfg, eval_cfg, seq_len, batch_sharding) -> dict:
+def evaluate_loss(program: Program, params, data_cfg, eval_cfg, seq_len: int) -> dict:
     total, count = 0.0, 0.0
     for batch in data.eval_batches(
         data_cfg, batch_size=eval_cfg.batch_size // jax.process_count(), seq_len=seq_len,
         max_batches=eval_cfg.batches,
     ):  # fmt: skip
-        batch_total, batch_count = eval_step(params, device_batch(batch, batch_sharding))
+        batch_total, batch_count = program.eval_step(
+            params, device_batch(batch, program.batch_sharding)
+        )
         total, count = total + float(batch_total), count + float(batch_count)
     loss = total / max(count, 1.0)
     return {"eval_loss": loss, "eval_perplexity": perplexity(loss), "eval_tokens": count}
@@ -96,7 +147,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ----------------------------------------------------------------------- mesh
     mesh_cfg = sharding.MeshConfig.from_config(config.mesh)
     mesh, rules = sharding.make_mesh(mesh_cfg), mesh_cfg.rules
-    batch_sharding = sharding.named_sharding(mesh, ("batch", "length"), rules)
 
     # ----------------------------------------------------------------------- data
     data_cfg = data.DataConfig.from_config(config.data)
@@ -105,37 +155,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         shard_index=jax.process_index(), shard_count=jax.process_count(),
     )  # fmt: skip
 
-    # ----------------------------------------------------------------------- model
+    # ----------------------------------------------------------------------- model, shard, step
     model_cfg = ModelConfig.from_config(config.model)
-    apply, abstract_params, init_params = build_model(model_cfg, mesh, rules, seed=t.seed)
-    optim_cfg = OptimConfig.from_config(config.optim, total_steps=t.steps)
-    tx = make_optimizer(optim_cfg)
-
-    # ----------------------------------------------------------------------- shard
-    shardings = state_shardings(abstract_params, tx, mesh)
-
-    def init_state(params):
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-
-    init_state = jax.jit(init_state, out_shardings=shardings, donate_argnums=0)
-    abstract_state = jax.eval_shape(init_state, abstract_params)
-    abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings
-    )
-
-    # ----------------------------------------------------------------------- step
-    with sharding.use_mesh(mesh, rules):
-        train_step = jax.jit(
-            make_train_step(
-                apply, tx, grad_accum=t.grad_accum, learning_rate=learning_rate_schedule(optim_cfg)
-            ),  # fmt: skip
-            in_shardings=(shardings, batch_sharding),
-            out_shardings=(shardings, None),
-            donate_argnums=0,
-        )
-        eval_step = jax.jit(
-            make_eval_step(apply), in_shardings=(shardings["params"], batch_sharding)
-        )
+    optim_cfg = OptimConfig.from_config(config.optim, train_steps=t.steps)
+    program = build_program(model_cfg, optim_cfg, mesh, rules, grad_accum=t.grad_accum, seed=t.seed)
 
     # ----------------------------------------------------------------------- checkpoint
     ckpt = checkpoint.Checkpointer(
@@ -143,15 +166,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     model_json = model_cfg.to_json()
     if ckpt.latest_step() is not None:
-        state, train_iter = ckpt.restore(abstract_state, train_iter)
+        state, train_iter = ckpt.restore(program.abstract_state, train_iter)
         print(f"resumed from step {int(state['step'])} in {ckpt.directory}", flush=True)
     elif config.checkpoint.init_from:
         source = checkpoint.resolve_init_from(config.checkpoint.init_from)
         checkpoint.check_compatible(checkpoint.read_model_json(source), model_cfg)
-        state = init_state(checkpoint.load_params(source, abstract_params))
+        state = program.init_state(checkpoint.load_params(source, program.abstract_params))
         print(f"initialised weights from {source}", flush=True)
     else:
-        state = init_state(init_params())
+        state = program.init_state(program.init_params())
     start_step = int(state["step"])
 
     # ----------------------------------------------------------------------- loop
@@ -160,7 +183,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     flops_token = flops_per_token(model_cfg, seq_len)
     if start_step == 0:
         print(
-            f"model: {param_count(abstract_params) / 1e6:.2f}M params | mesh {dict(mesh.shape)} | "
+            f"model: {param_count(program.abstract_params) / 1e6:.2f}M params | "
+            f"mesh {dict(mesh.shape)} | "
             f"{t.batch_size}x{seq_len} tokens/step | peak {peak / 1e12:.2f} TFLOP/s/device "
             f"({peak_source})",
             flush=True,
@@ -174,8 +198,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     final: dict[str, float] = {}
     for step in range(start_step + 1, t.steps + 1):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            batch = device_batch(next(train_iter), batch_sharding)
-            state, metrics = train_step(state, batch)
+            batch = device_batch(next(train_iter), program.batch_sharding)
+            state, metrics = program.train_step(state, batch)
         if last_time is None:  # the first step compiles; time from its end
             jax.block_until_ready(metrics)
             last_time, last_step = time.perf_counter(), step
@@ -193,9 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             progress.print(step, scalars)
             last_time, last_step, final = time.perf_counter(), step, scalars
         if step % config.eval.every == 0 or step == t.steps:
-            eval_metrics = evaluate_loss(
-                eval_step, state["params"], data_cfg, config.eval, seq_len, batch_sharding
-            )
+            eval_metrics = evaluate_loss(program, state["params"], data_cfg, config.eval, seq_len)
             writer.write(step, eval_metrics)
             print(f"eval step {step}: loss {eval_metrics['eval_loss']:.4f} | "
                   f"perplexity {eval_metrics['eval_perplexity']:.3f}", flush=True)  # fmt: skip
@@ -228,6 +250,7 @@ def _wants_distributed() -> bool:
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)
     if _wants_distributed():
         jax.distributed.initialize()
     try:
