@@ -42,13 +42,13 @@ def _plain(rope: Any, key: str) -> dict[str, Any]:
 def _to_float(value: Any, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
         _fail(key, f"expected a number, got {value!r}; fix: give a float")
+    if not math.isfinite(value):
+        _fail(key, f"expected a finite number, got {value!r}")
     return float(value)
 
 
 def _to_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        _fail(key, f"expected an integer, got {value!r}; fix: give a positive int")
-    if float(value) != int(value):
+    if _to_float(value, key) != int(value):
         _fail(key, f"expected an integer, got {value!r}; fix: give a positive int")
     return int(value)
 
@@ -552,6 +552,8 @@ def apply_rope(
     half = int(np.shape(inv_freq)[0])
     if half == 0:
         return x
+    if positions.ndim != 2:
+        raise ValueError(f"positions: expected [B, T] ints, got shape {positions.shape}")
     rot = 2 * half
     if rot > x.shape[-1]:
         raise ValueError(f"inv_freq has {half} entries, needs {rot} rotary dims > D={x.shape[-1]}")
