@@ -145,7 +145,7 @@ def config_from_hf(
     family = family_of(cj)
     for key in ("quantization_config", "num_experts", "num_local_experts"):
         if cj.get(key):
-            _fail(key, f"is set ({cj[key]!r}); quantized and mixture-of-experts models are not supported.")  # fmt: skip
+            _fail(key, f"is set ({cj[key]!r}); quantized and MoE models are not supported.")
     if cj.get("mlp_bias"):
         _fail("mlp_bias", "biases on the MLP projections are not supported by the decoder.")
     if family != "qwen2" and cj.get("attention_bias"):
@@ -167,7 +167,8 @@ def config_from_hf(
     local_rope: dict[str, Any] = {}
     if all(isinstance(v, Mapping) for v in rope.values()):  # nested by layer type
         rope, local_rope = rope.get("full_attention", {}), rope.get("sliding_attention", {})
-    for key, block in (("rope_parameters", rope), ("rope_parameters.sliding_attention", local_rope)):  # fmt: skip
+    blocks = (("rope_parameters", rope), ("rope_parameters.sliding_attention", local_rope))
+    for key, block in blocks:
         if block:
             try:
                 scaling = parse_rope(block, key=key, head_dim=head_dim)
@@ -215,7 +216,7 @@ def config_to_hf(
     family = ARCHITECTURES[arch]
 
     def refuse(key: str, why: str):
-        raise ValueError(f"model.{key}: {why}; {arch} cannot represent it, so it cannot be exported.")  # fmt: skip
+        raise ValueError(f"model.{key}: {why}; {arch} cannot represent it, so no export.")
 
     if cfg.alibi:
         refuse("alibi", "ALiBi replaces RoPE")
@@ -229,7 +230,7 @@ def config_to_hf(
         raise ValueError(f"torch_dtype={torch_dtype!r}: choose one of {sorted(TORCH_DTYPES)}.")
     rope = parse_rope(cfg.rope_for("global"), key="model.rope", head_dim=cfg.head_dim).to_hf()
     if rope["rope_type"] not in HF_ROPE_TYPES:
-        refuse("rope", f"rope_type {rope['rope_type']!r} is unknown to transformers ({HF_ROPE_TYPES})")  # fmt: skip
+        refuse("rope", f"rope_type {rope['rope_type']!r} is not one of {HF_ROPE_TYPES}")
     if rope.pop("partial_rotary_factor", 1.0) != 1.0:
         refuse("rope", "partial_rotary_factor != 1")
     if cfg.attention_bias != (family == "qwen2"):
@@ -369,7 +370,7 @@ class SafetensorsFolder:
                 raise ValueError(
                     f"{index} names shard {missing[0]!r} (holding {len(names)} tensors, e.g. "
                     f"{names[0]}) but {folder} has no such file"
-                    + (f" (and {len(missing) - 1} more shards are missing)" if len(missing) > 1 else "")
+                    + (f" ({len(missing) - 1} more shards missing)" if len(missing) > 1 else "")
                     + "; download the missing shard(s)."
                 )  # fmt: skip
         else:
@@ -426,14 +427,14 @@ def load_params(path: str, abstract_params: Any) -> Any:
             stored = rename(name)
             if stored not in reader.entries:
                 raise ValueError(
-                    f"tensor {stored} is missing from {path}; the config.json "
-                    f"({cfg_json.get('architectures')}, {cfg_json.get('num_hidden_layers')} layers) "
-                    "needs it. Is the download complete?"
+                    f"tensor {stored} is missing from {path}; its config.json "
+                    f"({cfg_json.get('architectures')}, {cfg_json.get('num_hidden_layers')} "
+                    "layers) needs it. Is the download complete?"
                 )
             if reader.shape(stored) != expected:
                 raise ValueError(
-                    f"tensor {stored} in {path} has shape {list(reader.shape(stored))} but the model "
-                    f"config expects {list(expected)} (parameter {'/'.join(map(str, keys))} "
+                    f"tensor {stored} in {path} has shape {list(reader.shape(stored))} but the "
+                    f"model config expects {list(expected)} (parameter {'/'.join(map(str, keys))} "
                     f"{list(target.shape)}); config.json and the weights disagree."
                 )
             used.add(stored)
@@ -457,7 +458,8 @@ def _place(views: list[np.ndarray], stacked: bool, target) -> jax.Array:
     def read(index: tuple[slice, ...]) -> np.ndarray:
         if not stacked:
             return np.asarray(views[0][index], dtype=dtype)
-        return np.stack([np.asarray(views[r][index[1:]], dtype=dtype) for r in range(len(views))[index[0]]])  # fmt: skip
+        repeats = range(len(views))[index[0]]
+        return np.stack([np.asarray(views[r][index[1:]], dtype=dtype) for r in repeats])
 
     target_sharding = getattr(target, "sharding", None)
     if target_sharding is None:
