@@ -1,0 +1,228 @@
+"""The whole long-context suite on one model, and the cheap subset the trainer logs.
+
+Both take a scorer (see `scoring.make_scorer`), so the same code evaluates our checkpoints,
+imported Hugging Face models and the live parameters of a training run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from ctxext_jax.data import DataConfig, eval_documents
+from ctxext_jax.evals.perplexity import (
+    resolve_stride,
+    sliding_perplexity,
+    token_stream,
+    window_plan,
+)
+from ctxext_jax.evals.retrieval import VARIANTS, haystack_tokens, needle_grid, passkey_grid
+from ctxext_jax.evals.scoring import Progress, Scorer, make_scorer
+
+METRICS = ("ppl", "passkey", "needle")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    """What to measure. stride: tokens, or a fraction of each window when < 1."""
+
+    lengths: tuple[int, ...]
+    metrics: tuple[str, ...] = METRICS
+    stride: float = 0.5
+    ppl_tokens: int = 32768
+    buckets: int = 16
+    passkey_trials: int = 5
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    needle_trials: int = 2
+    needle_variants: tuple[str, ...] = VARIANTS
+    needles: int = 3
+    batch_tokens: int = 16384
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.lengths or any(int(n) < 2 for n in self.lengths):
+            raise ValueError(f"--lengths={self.lengths} must be a non-empty list of lengths >= 2.")
+        unknown = set(self.metrics) - set(METRICS)
+        if unknown or not self.metrics:
+            raise ValueError(f"--metrics: unknown {sorted(unknown)}; choose from {METRICS}.")
+        bad = set(self.needle_variants) - set(VARIANTS)
+        if bad:
+            raise ValueError(f"--needle_variants: unknown {sorted(bad)}; choose from {VARIANTS}.")
+        if any(not 0.0 <= d <= 1.0 for d in self.depths) or not self.depths:
+            raise ValueError(f"--depths={self.depths} must be fractions in [0, 1].")
+        for name in (
+            "ppl_tokens",
+            "buckets",
+            "passkey_trials",
+            "needle_trials",
+            "needles",
+            "batch_tokens",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name}={getattr(self, name)} must be >= 1.")
+        for length in self.lengths:
+            resolve_stride(self.stride, length)
+
+
+def _tokens_of(options: EvalOptions, n_stream: int) -> int:
+    """Forward-pass tokens the run will take (for the progress line's ETA)."""
+    total = 0
+    for length in options.lengths:
+        if "ppl" in options.metrics:
+            stride = resolve_stride(options.stride, length)
+            total += len(window_plan(n_stream - 1, length=length, stride=stride)) * length
+        if "passkey" in options.metrics:
+            total += len(options.depths) * options.passkey_trials * length
+        if "needle" in options.metrics:
+            rows = {"single": 1, "multi": options.needles, "distractor": options.needles}
+            total += sum(
+                rows[v] * len(options.depths) * options.needle_trials * length
+                for v in options.needle_variants
+            )
+    return total
+
+
+def run_suite(
+    scorer_for: Callable[[int], Scorer],
+    tokenizer,
+    data_cfg: DataConfig,
+    options: EvalOptions,
+    *,
+    progress: bool = True,
+) -> dict:
+    """-> {"perplexity": [per length], "passkey": grid, "needle": {variant: grid}} for the
+    metrics asked for. scorer_for(length) gives the scorer to use at that window length."""
+    longest = max(options.lengths)
+    stream = token_stream(eval_documents(data_cfg), tokenizer, max_tokens=options.ppl_tokens)
+    if "ppl" in options.metrics and len(stream) <= longest:
+        raise ValueError(
+            f"--lengths: {longest} needs more than {longest} tokens of the eval split but only "
+            f"{len(stream)} are there (--ppl_tokens={options.ppl_tokens}); raise --ppl_tokens or "
+            "lower the lengths."
+        )
+    bar = Progress(_tokens_of(options, len(stream))) if progress else None
+    results: dict = {}
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    if "ppl" in options.metrics:
+        results["perplexity"] = [
+            sliding_perplexity(
+                scorer_for(length),
+                stream,
+                length=length,
+                stride=resolve_stride(options.stride, length),
+                batch_tokens=options.batch_tokens,
+                buckets=options.buckets,
+                progress=bar,
+            )
+            for length in options.lengths
+        ]
+        timings["ppl"], clock = time.perf_counter() - clock, time.perf_counter()
+    if "passkey" in options.metrics:
+        grids = [
+            passkey_grid(
+                scorer_for(length),
+                tokenizer,
+                lengths=[length],
+                depths=options.depths,
+                trials=options.passkey_trials,
+                seed=options.seed,
+                batch_tokens=options.batch_tokens,
+                progress=bar,
+            )
+            for length in options.lengths
+        ]
+        results["passkey"] = {
+            **grids[0],
+            "lengths": list(options.lengths),
+            "accuracy": [g["accuracy"][0] for g in grids],
+        }
+        timings["passkey"], clock = time.perf_counter() - clock, time.perf_counter()
+    if "needle" in options.metrics:
+        haystack = haystack_tokens(eval_documents(data_cfg), tokenizer, min_tokens=longest)
+        results["needle"] = {}
+        for variant in options.needle_variants:
+            grids = [
+                needle_grid(
+                    scorer_for(length),
+                    tokenizer,
+                    haystack,
+                    lengths=[length],
+                    depths=options.depths,
+                    trials=options.needle_trials,
+                    variant=variant,
+                    needles=options.needles,
+                    seed=options.seed,
+                    batch_tokens=options.batch_tokens,
+                    progress=bar,
+                )
+                for length in options.lengths
+            ]
+            merged = {**grids[0], "lengths": list(options.lengths)}
+            for key in ("accuracy", "distractor_rate"):
+                if key in grids[0]:
+                    merged[key] = [g[key][0] for g in grids]
+            results["needle"][variant] = merged
+        timings["needle"] = time.perf_counter() - clock
+    results["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
+    return results
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_stream(data_cfg: DataConfig, tokenizer_spec: str, max_tokens: int, tokenizer):
+    return token_stream(eval_documents(data_cfg), tokenizer, max_tokens=max_tokens)
+
+
+def long_eval_subset(
+    apply: Callable,
+    params,
+    *,
+    tokenizer,
+    data_cfg: DataConfig,
+    lengths: Sequence[int],
+    passkey_trials: int,
+    seed: int,
+    batch_sharding=None,
+    depths: Sequence[float] = (0.0, 0.5, 1.0),
+    windows: int = 4,
+    batch_tokens: int = 16384,
+) -> dict[str, float]:
+    """The cheap subset for training-time logging: `ppl_len_{L}` (half-overlapping windows over
+    the first ~`windows` * L tokens of the eval split) and `passkey_acc_len_{L}` (mean over
+    `depths` x `passkey_trials` seeded keys) for each L in `lengths`.
+
+    apply(params, tokens) -> logits; batch_sharding: the trainer's ("batch", "length")
+    sharding, so rows are laid out like training batches.
+    """
+    scorer = make_scorer(apply, params, batch_sharding=batch_sharding, pad_id=tokenizer.pad_id)
+    stream = _cached_stream(
+        data_cfg, getattr(tokenizer, "spec", repr(tokenizer)), windows * max(lengths) + 1, tokenizer
+    )
+    out: dict[str, float] = {}
+    for length in lengths:
+        if len(stream) > length:
+            ppl = sliding_perplexity(
+                scorer,
+                stream,
+                length=length,
+                stride=max(1, length // 2),
+                batch_tokens=batch_tokens,
+                buckets=1,
+            )
+            out[f"ppl_len_{length}"] = ppl["ppl"]
+        if passkey_trials > 0:
+            grid = passkey_grid(
+                scorer,
+                tokenizer,
+                lengths=[length],
+                depths=depths,
+                trials=passkey_trials,
+                seed=seed,
+                batch_tokens=batch_tokens,
+            )
+            out[f"passkey_acc_len_{length}"] = float(np.mean(grid["accuracy"][0]))
+    return out

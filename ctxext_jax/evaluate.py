@@ -1,0 +1,272 @@
+"""Long-context evaluation: `python -m ctxext_jax.evaluate --config configs/x.py --checkpoint P
+--workdir W` writes W/eval/report.md, W/eval/results.json and PNG plots.
+
+    python -m ctxext_jax.evaluate --config configs/tiny.py --checkpoint runs/tiny \\
+        --workdir runs/tiny --lengths 256,512,1024,2048
+    python -m ctxext_jax.evaluate --config configs/tiny.py:extend --checkpoint runs/tiny \\
+        --workdir runs/tiny-as-yarn        # the base model evaluated under the YaRN positions
+    python -m ctxext_jax.evaluate --workdir runs/cmp --compare runs/tiny runs/tiny-4x
+
+The checkpoint (a run's workdir or step folder, or a Hugging Face folder once `ctxext_jax.hf`
+is present) supplies the architecture. The config supplies the data and tokenizer, and its
+positional fields (rope, local_rope, max_position_embeddings, window, chunk, sinks,
+attention_impl) replace the checkpoint's wherever the config sets them to something other
+than the schema default: one trained model can be evaluated under PI, YaRN, etc.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from ctxext_jax import checkpoint, data, sharding
+from ctxext_jax.config import ConfigError, defaults, validate
+from ctxext_jax.evals.report import compare_runs, write_report
+from ctxext_jax.evals.retrieval import VARIANTS
+from ctxext_jax.evals.scoring import make_scorer
+from ctxext_jax.evals.suite import METRICS, EvalOptions, run_suite
+from ctxext_jax.model import Decoder, ModelConfig, param_axes
+from ctxext_jax.steps import make_apply
+
+POSITIONAL_FIELDS = (
+    "rope",
+    "local_rope",
+    "max_position_embeddings",
+    "window",
+    "chunk",
+    "sinks",
+    "attention_impl",
+)
+
+
+def _plain(value):
+    """ConfigDict / saved JSON value -> plain Python (rope pairs -> dict) for comparison."""
+    if isinstance(value, ml_collections.ConfigDict):
+        return value.to_dict()
+    if isinstance(value, list | tuple) and all(
+        isinstance(p, list | tuple) and len(p) == 2 and isinstance(p[0], str) for p in value
+    ):
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in value}
+    return value
+
+
+def effective_model(saved: dict, config_model) -> tuple[ModelConfig, dict]:
+    """The checkpoint's model fields with the config's non-default positional fields on top.
+    -> (ModelConfig, {field: value that replaced the checkpoint's})."""
+    schema = defaults().model
+    fields = {k: _plain(v) for k, v in saved.items()}
+    overrides = {}
+    for key in POSITIONAL_FIELDS:
+        value = _plain(config_model[key])
+        if value != _plain(schema[key]) and value != fields.get(key):
+            overrides[key] = value
+    fields.update(overrides)
+    return ModelConfig.from_config(ml_collections.ConfigDict(fields)), overrides
+
+
+def _hf_module():
+    """`ctxext_jax.hf` when it is installed in this tree (it imports Hugging Face folders)."""
+    try:
+        from ctxext_jax import hf
+    except ModuleNotFoundError as e:
+        if e.name != "ctxext_jax.hf":
+            raise
+        return None
+    return hf
+
+
+def _model_functions(model_cfg: ModelConfig, mesh, rules):
+    """-> (apply traced under the mesh rules, abstract params with shardings)."""
+    graphdef, abstract_state = nnx.split(
+        nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0)))
+    )
+    shardings = sharding.tree_shardings(param_axes(abstract_state), mesh, rules)
+    abstract_params = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nnx.to_pure_dict(abstract_state),
+        shardings,
+    )
+    return sharding.under_mesh(make_apply(graphdef, abstract_state), mesh, rules), abstract_params
+
+
+def attention_impl_for(configured: str, length: int, *, blockwise_above: int) -> str:
+    """Windows longer than `blockwise_above` use the memory-efficient blockwise kernel when the
+    configured backend would otherwise materialise [T, T] scores (xla, or auto on CPU; auto
+    on GPU / TPU already picks the fused cuDNN / splash kernels)."""
+    if length <= blockwise_above:
+        return configured
+    if configured == "xla" or (configured == "auto" and jax.default_backend() == "cpu"):
+        return "blockwise"
+    return configured
+
+
+def evaluate(
+    config: ml_collections.ConfigDict,
+    checkpoint_path: str,
+    workdir: str,
+    options: EvalOptions | None = None,
+    *,
+    name: str | None = None,
+    blockwise_above: int = 2048,
+    progress: bool = True,
+) -> dict:
+    """Runs the suite on the checkpoint and writes W/eval/{report.md, results.json, *.png}.
+    options=None evaluates at 1, 2, 4 and 8 times the trained length."""
+    hf = _hf_module()
+    data_fields = config.data.to_dict()
+    if hf is not None and hf.is_hf_folder(checkpoint_path):
+        loaded = hf.from_pretrained(checkpoint_path)
+        saved, source = json.loads(loaded.config.to_json()), "huggingface"
+        if data_fields["tokenizer"] == defaults().data.tokenizer:
+            data_fields["tokenizer"] = hf.tokenizer_spec(checkpoint_path)
+    else:
+        step_dir = checkpoint.resolve_init_from(checkpoint_path)
+        saved, source = checkpoint.read_model_json(step_dir), f"ctxext_jax step {step_dir.name}"
+    model_cfg, overrides = effective_model(saved, config.model)
+    trained_length = int(saved["max_position_embeddings"])
+    if options is None:
+        options = EvalOptions(lengths=tuple(trained_length * f for f in (1, 2, 4, 8)))
+
+    # Validate the run config as it will be used: the checkpoint's model, the config's data.
+    effective = ml_collections.ConfigDict(config.to_dict())
+    effective.model = ml_collections.ConfigDict(
+        {k: _plain(v) for k, v in json.loads(model_cfg.to_json()).items()}
+    )
+    effective.data = ml_collections.ConfigDict(data_fields)
+    validate(effective)
+
+    data_cfg = data.DataConfig.from_config(data_fields)
+    tokenizer = data.make_tokenizer(data_cfg.tokenizer)
+    mesh_cfg = sharding.MeshConfig.from_config(config.mesh)
+    mesh, rules = sharding.make_mesh(mesh_cfg), mesh_cfg.rules
+    batch_sharding = sharding.named_sharding(mesh, ("batch", "length"), rules)
+    apply, abstract_params = _model_functions(model_cfg, mesh, rules)
+    if source == "huggingface":
+        params = jax.device_put(loaded.params, jax.tree.map(lambda x: x.sharding, abstract_params))
+    else:
+        params = checkpoint.load_params(step_dir, abstract_params)
+
+    impls = {
+        n: attention_impl_for(model_cfg.attention_impl, n, blockwise_above=blockwise_above)
+        for n in options.lengths
+    }
+    applies = {model_cfg.attention_impl: apply}
+
+    def scorer_for(length: int):
+        impl = impls[length]
+        if impl not in applies:
+            applies[impl] = _model_functions(
+                dataclasses.replace(model_cfg, attention_impl=impl), mesh, rules
+            )[0]
+        return make_scorer(
+            applies[impl], params, batch_sharding=batch_sharding, pad_id=tokenizer.pad_id
+        )
+
+    results = run_suite(scorer_for, tokenizer, data_cfg, options, progress=progress)
+    results.update(
+        name=name or os.path.basename(os.path.normpath(workdir)),
+        checkpoint=os.path.abspath(checkpoint_path),
+        source=source,
+        trained_length=trained_length,
+        positions={k: _plain(getattr(model_cfg, k)) for k in POSITIONAL_FIELDS},
+        overrides=overrides,
+        model=json.loads(model_cfg.to_json()),
+        data={k: data_fields[k] for k in ("dataset", "eval_split", "tokenizer")},
+        options=dataclasses.asdict(options),
+        attention_impl={str(n): impls[n] for n in options.lengths},
+        devices=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+    )
+    if jax.process_index() == 0:
+        write_report(results, os.path.join(workdir, "eval"))
+    return results
+
+
+# --------------------------------------------------------------------------- command line
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: configs/x.py[:arg].")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run workdir, step folder or HF folder.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Results go to WORKDIR/eval.")
+_NAME = flags.DEFINE_string("name", None, "Run name in reports; default: basename of workdir.")
+_LENGTHS = flags.DEFINE_list("lengths", None, "Window lengths; default 1,2,4,8 x trained length.")
+_METRICS = flags.DEFINE_list("metrics", list(METRICS), f"Subset of {METRICS}.")
+_STRIDE = flags.DEFINE_float("stride", 0.5, "Sliding-window stride: tokens, or fraction if < 1.")
+_PPL_TOKENS = flags.DEFINE_integer(
+    "ppl_tokens", None, "Eval-split tokens scored per length; default max(32768, 4 x longest)."
+)
+_BUCKETS = flags.DEFINE_integer("buckets", 16, "Position buckets for loss by position.")
+_PASSKEY_TRIALS = flags.DEFINE_integer("passkey_trials", 5, "Seeded keys per length x depth.")
+_DEPTHS = flags.DEFINE_list("depths", ["0", "0.25", "0.5", "0.75", "1"], "Key depths in [0, 1].")
+_NEEDLE_TRIALS = flags.DEFINE_integer("needle_trials", 2, "Trials per needle grid cell.")
+_VARIANTS = flags.DEFINE_list("needle_variants", list(VARIANTS), f"Subset of {VARIANTS}.")
+_NEEDLES = flags.DEFINE_integer("needles", 3, "Needles in the multi / distractor variants.")
+_BATCH_TOKENS = flags.DEFINE_integer("batch_tokens", 16384, "Tokens per forward pass.")
+_BLOCKWISE_ABOVE = flags.DEFINE_integer(
+    "blockwise_above", 2048, "Longer windows use the memory-efficient blockwise attention."
+)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of passkeys, needles and haystack offsets.")
+_COMPARE = flags.DEFINE_list("compare", None, "Eval workdirs to put in one table and plots.")
+
+
+def _options() -> EvalOptions | None:
+    if _LENGTHS.value is None:
+        return None
+    try:
+        lengths = tuple(int(n) for n in _LENGTHS.value)
+        depths = tuple(float(d) for d in _DEPTHS.value)
+    except ValueError as e:
+        raise ValueError(f"--lengths / --depths: {e}; give comma-separated numbers.") from None
+    ppl_tokens = _PPL_TOKENS.value or max(32768, 4 * max(lengths) + 1)
+    return EvalOptions(
+        lengths=lengths,
+        metrics=tuple(_METRICS.value),
+        stride=_STRIDE.value,
+        ppl_tokens=ppl_tokens,
+        buckets=_BUCKETS.value,
+        passkey_trials=_PASSKEY_TRIALS.value,
+        depths=depths,
+        needle_trials=_NEEDLE_TRIALS.value,
+        needle_variants=tuple(_VARIANTS.value),
+        needles=_NEEDLES.value,
+        batch_tokens=_BATCH_TOKENS.value,
+        seed=_SEED.value,
+    )
+
+
+def main(argv):
+    del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax / TFDS info lines drown the progress line
+    try:
+        if not _WORKDIR.value:
+            raise ValueError("--workdir is required (results go to WORKDIR/eval).")
+        if _COMPARE.value:
+            written = compare_runs(_COMPARE.value, os.path.join(_WORKDIR.value, "eval"))
+        else:
+            if _CONFIG.value is None or not _CHECKPOINT.value:
+                raise ValueError("--config and --checkpoint are required (or give --compare).")
+            evaluate(
+                _CONFIG.value,
+                _CHECKPOINT.value,
+                _WORKDIR.value,
+                _options(),
+                name=_NAME.value,
+                blockwise_above=_BLOCKWISE_ABOVE.value,
+            )
+            written = ["report.md", "results.json", "*.png"]
+        print(f"wrote {', '.join(written)} to {os.path.join(_WORKDIR.value, 'eval')}", flush=True)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("CTXEXT_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
