@@ -94,7 +94,8 @@ def packed_rows(
     num_epochs=None repeats forever (reshuffled every epoch when `shuffle`).
     """
     ds = grain.MapDataset.source(documents)[shard_index::shard_count]
-    if len(ds) == 0:
+    num_documents = len(ds)
+    if num_documents == 0:
         raise ValueError(
             f"host shard {shard_index} of {shard_count} holds no documents (the split has "
             f"{len(documents)}); use fewer hosts or a larger dataset."
@@ -105,9 +106,9 @@ def packed_rows(
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
     it = grain.experimental.FlatMapIterDataset(it, _SplitPieces(seq_len))
     if shuffle:
-        it = grain.experimental.WindowShuffleIterDataset(
-            it, window_size=max(16, _WINDOW_TOKENS // seq_len), seed=seed
-        )
+        # A small corpus gets a window of a few epochs' documents, not a million tokens.
+        window = max(16, min(_WINDOW_TOKENS // seq_len, 16 * num_documents))
+        it = grain.experimental.WindowShuffleIterDataset(it, window_size=window, seed=seed)
     pad = int(tokenizer.pad_id)
     it = grain.experimental.FirstFitPackIterDataset(
         it,

@@ -119,13 +119,13 @@ def _index_files(pattern: str) -> list[tuple[str, int, int, bool, str]]:
     return documents
 
 
-def files_split(pattern: str, text_key: str, split: str) -> FilesSource:
+def files_split(pattern: str, text_key: str, split: str, *, key: str = "split") -> FilesSource:
     """The "train" or "validation" documents of a glob, split by a hash of path(:line)."""
     if split not in ("train", "validation"):
         raise ValueError(
-            f"split {split!r} is not a split of data.dataset='files': use 'train' or "
-            "'validation' for data.train_split / data.eval_split (about 5% of the documents, "
-            "chosen by a hash of their path and line, are validation)."
+            f"{key}={split!r} is not a split of data.dataset='files': use 'train' or "
+            "'validation' (about 5% of the documents, chosen by a hash of their path and "
+            "line, are validation)."
         )
     documents = [d[:4] for d in _index_files(pattern) if split_of(d[4]) == split]
     return FilesSource(documents, text_key)
@@ -152,8 +152,8 @@ def _prepared_builder(cfg: DataConfig):
     )
     try:
         builder = tfds.builder(cfg.dataset, data_dir=cfg.data_dir or None)
-    except Exception as e:  # TFDS raises several unrelated types for an unknown name.
-        raise ValueError(f"{where} is not a known or prepared TFDS dataset ({e}); {fix}") from e
+    except Exception as e:  # TFDS raises several types, with its whole catalogue attached.
+        raise ValueError(f"{where} is neither a TFDS dataset name nor prepared there; {fix}") from e
     if not builder.is_prepared():
         raise ValueError(f"{where} is not prepared; {fix}")
     return builder
@@ -186,13 +186,15 @@ def open_split(cfg: DataConfig, split: str) -> tuple[Sequence[str], dict]:
     Raises ValueError naming the config key for an unknown dataset, an unmatched glob or an
     empty split.
     """
+    key = {cfg.eval_split: "data.eval_split", cfg.train_split: "data.train_split"}.get(
+        split, "split"
+    )
     if cfg.dataset == FILES:
-        source, info = files_split(cfg.files, cfg.text_key, split), {"name": "files"}
-        info["files"] = cfg.files
+        source = files_split(cfg.files, cfg.text_key, split, key=key)
+        info = {"name": "files", "files": cfg.files}
     else:
         source, info = _tfds_split(cfg, split)
     if len(source) == 0:
-        key = "data.eval_split" if split == cfg.eval_split else "data.train_split"
         more = " or add more files (about 5% become validation)" if cfg.dataset == FILES else ""
         raise ValueError(
             f"{key}={split!r} of data.dataset={cfg.dataset!r} has no documents; choose a "
