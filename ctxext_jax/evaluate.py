@@ -123,8 +123,8 @@ def evaluate(
     hf = _hf_module()
     data_fields = config.data.to_dict()
     if hf is not None and hf.is_hf_folder(checkpoint_path):
-        loaded = hf.from_pretrained(checkpoint_path)
-        saved, source = json.loads(loaded.config.to_json()), "huggingface"
+        saved = json.loads(hf.config_from_hf(hf.read_config(checkpoint_path)).to_json())
+        source = "huggingface"
         if data_fields["tokenizer"] == defaults().data.tokenizer:
             data_fields["tokenizer"] = hf.tokenizer_spec(checkpoint_path)
     else:
@@ -150,7 +150,7 @@ def evaluate(
     batch_sharding = sharding.named_sharding(mesh, ("batch", "length"), rules)
     apply, abstract_params = _model_functions(model_cfg, mesh, rules)
     if source == "huggingface":
-        params = jax.device_put(loaded.params, jax.tree.map(lambda x: x.sharding, abstract_params))
+        params = hf.load_params(checkpoint_path, abstract_params)  # each device reads its slice
     else:
         params = checkpoint.load_params(step_dir, abstract_params)
 

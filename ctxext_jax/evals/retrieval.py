@@ -11,7 +11,8 @@ retrieved iff the argmax at each answer position is the next answer token (the s
 greedy decoding of len(answer) tokens gives, without a KV cache). The answer's tokens are
 those the tokenizer gives it as a continuation of the question (" 12345" after "... is").
 
-Needle variants, all on real text from the eval split as the haystack:
+Needle variants, all on real text from the eval split as the haystack (documents joined
+without separators, read cyclically from a seeded offset per trial):
   single      one needle "The special magic number for {name} is {value}." at depth d
   multi       k needles with distinct names at depths d, d + 1/k, ... (mod 1); each is asked
               for in its own row; accuracy = fraction recalled
@@ -23,7 +24,7 @@ Needle variants, all on real text from the eval split as the haystack:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -72,11 +73,13 @@ VARIANTS = ("single", "multi", "distractor")
 @dataclasses.dataclass(frozen=True)
 class Prompt:
     """tokens: int32 [L]; answers: candidate continuations, the first is the correct one;
-    insert_starts: where each insert begins in `tokens`, in the order they were given."""
+    inserts: the (start, end) span of each insert in `tokens`, in the order they were given;
+    filler: how many filler tokens the prompt holds."""
 
     tokens: np.ndarray
     answers: tuple[np.ndarray, ...]
-    insert_starts: tuple[int, ...]
+    inserts: tuple[tuple[int, int], ...]
+    filler: int
 
 
 def _encode(tokenizer, text: str) -> np.ndarray:
@@ -117,20 +120,20 @@ def assemble(
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"depth {depth} must be in [0, 1] (0 = start, 1 = end of the text).")
     order = sorted(range(len(inserts)), key=lambda i: inserts[i][0])
-    pieces, starts = [np.asarray([tokenizer.bos_id], np.int32), head], [0] * len(inserts)
+    pieces, spans = [np.asarray([tokenizer.bos_id], np.int32), head], [(0, 0)] * len(inserts)
     cursor, offset = 0, 1 + len(head)
     for i in order:
         depth, ids = inserts[i]
         cut = int(round(depth * n_fill))
         pieces.append(filler[cursor:cut])
         offset += cut - cursor
-        starts[i], cursor = offset, cut
+        spans[i], cursor = (offset, offset + len(ids)), cut
         pieces.append(ids)
         offset += len(ids)
     pieces += [filler[cursor:n_fill], question]
     tokens = np.concatenate(pieces).astype(np.int32)
     assert len(tokens) == length, (len(tokens), length)  # guaranteed by the arithmetic above
-    return Prompt(tokens, tuple(np.asarray(a, np.int32) for a in answers), tuple(starts))
+    return Prompt(tokens, tuple(np.asarray(a, np.int32) for a in answers), tuple(spans), n_fill)
 
 
 def passkey_prompt(tokenizer, *, length: int, depth: float, key: int) -> Prompt:
@@ -199,19 +202,6 @@ def needle_prompts(
             )
         )
     return prompts
-
-
-def haystack_tokens(documents: Iterable[str], tokenizer, *, min_tokens: int) -> np.ndarray:
-    """Eval-split texts, encoded and joined by blank lines, until `min_tokens` are collected."""
-    separator, pieces, total = _encode(tokenizer, "\n\n"), [], 0
-    for text in documents:
-        pieces += [_encode(tokenizer, text), separator]
-        total += len(pieces[-2]) + len(separator)
-        if total >= min_tokens:
-            break
-    if total == 0:
-        raise ValueError("the evaluation split has no text to build a needle haystack from.")
-    return np.concatenate(pieces).astype(np.int32)
 
 
 def exact_matches(

@@ -20,7 +20,7 @@ from ctxext_jax.evals.perplexity import (
     token_stream,
     window_plan,
 )
-from ctxext_jax.evals.retrieval import VARIANTS, haystack_tokens, needle_grid, passkey_grid
+from ctxext_jax.evals.retrieval import VARIANTS, needle_grid, passkey_grid
 from ctxext_jax.evals.scoring import Progress, Scorer, make_scorer
 
 METRICS = ("ppl", "passkey", "needle")
@@ -97,7 +97,13 @@ def run_suite(
     """-> {"perplexity": [per length], "passkey": grid, "needle": {variant: grid}} for the
     metrics asked for. scorer_for(length) gives the scorer to use at that window length."""
     longest = max(options.lengths)
-    stream = token_stream(eval_documents(data_cfg), tokenizer, max_tokens=options.ppl_tokens)
+    # One read of the split serves both: perplexity scores its first ppl_tokens tokens and the
+    # needle haystack is the same text without the document separators.
+    stream = token_stream(
+        eval_documents(data_cfg), tokenizer, max_tokens=max(options.ppl_tokens, 2 * longest)
+    )
+    haystack = stream[(stream != tokenizer.bos_id) & (stream != tokenizer.eos_id)]
+    stream = stream[: options.ppl_tokens]
     if "ppl" in options.metrics and len(stream) <= longest:
         raise ValueError(
             f"--lengths: {longest} needs more than {longest} tokens of the eval split but only "
@@ -143,7 +149,6 @@ def run_suite(
         }
         timings["passkey"], clock = time.perf_counter() - clock, time.perf_counter()
     if "needle" in options.metrics:
-        haystack = haystack_tokens(eval_documents(data_cfg), tokenizer, min_tokens=longest)
         results["needle"] = {}
         for variant in options.needle_variants:
             grids = [
