@@ -182,14 +182,25 @@ def _pad_rows(batch: dict[str, np.ndarray], rows: int, pad_id: int) -> dict[str,
 
 
 def eval_batches(
-    cfg: DataConfig, *, batch_size: int, seq_len: int, max_batches: int | None = None
+    cfg: DataConfig,
+    *,
+    batch_size: int,
+    seq_len: int,
+    max_batches: int | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The eval split once, in order, packed like training (no shuffle); the same batches
-    every call. The last batch is padded to `batch_size` rows with loss_mask 0."""
+    every call. `batch_size` is this host's rows: global batches of batch_size * shard_count
+    rows are cut into per-host slices, so every host yields the same number of batches. The
+    last batch is padded with empty rows (loss_mask 0)."""
     if batch_size < 1:
-        raise ValueError(f"eval batch_size={batch_size} must be >= 1.")
+        raise ValueError(f"eval.batch_size per host={batch_size} must be >= 1.")
+    if shard_count < 1 or not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index={shard_index}, shard_count={shard_count}: need 0 <= i < n.")
     documents, _ = open_split(cfg, cfg.eval_split)
     tokenizer = make_tokenizer(cfg.tokenizer)
+    global_rows = batch_size * shard_count
     rows = packed_rows(
         documents,
         tokenizer,
@@ -197,12 +208,14 @@ def eval_batches(
         seed=0,
         shuffle=False,
         num_epochs=1,
-        num_bins=max(batch_size, _MIN_PACKING_BINS),
+        num_bins=max(global_rows, _MIN_PACKING_BINS),
     )
-    for i, batch in enumerate(rows.batch(batch_size, drop_remainder=False)):
+    mine = slice(shard_index * batch_size, (shard_index + 1) * batch_size)
+    for i, batch in enumerate(rows.batch(global_rows, drop_remainder=False)):
         if max_batches is not None and i >= max_batches:
             return
-        yield _pad_rows(batch, batch_size, int(tokenizer.pad_id))
+        batch = _pad_rows(batch, global_rows, int(tokenizer.pad_id))
+        yield {k: v[mine] for k, v in batch.items()}
 
 
 def eval_documents(cfg: DataConfig, split: str | None = None) -> Iterator[str]:
