@@ -4,9 +4,11 @@ Every TFDS dataset is prepared into a temporary data_dir, never into ~/tensorflo
 """
 
 import collections
+import hashlib
 import json
 import os
 import pickle
+import platform
 
 import numpy as np
 import pytest
@@ -101,7 +103,9 @@ def test_embedded_builder_splits_and_provenance(data_dir):
     prov = info["provenance"]
     assert prov["python_version"] and prov["stdlib_path"] == str(root)
     assert prov["num_files"] == len(paths) and "site-packages" not in "".join(paths)
-    assert prov["file_list_sha256"] in info["description"] or prov["num_files"] > 0
+    want_hash = hashlib.sha256("\n".join(paths).encode()).hexdigest()
+    assert prov["file_list_sha256"] == want_hash and want_hash in info["description"]
+    assert prov["python_version"] == platform.python_version()
     assert info["data_dir"].startswith(data_dir)
     train = info["splits"]["train"]["documents"]
     val = info["splits"]["validation"]["documents"]

@@ -1,7 +1,7 @@
 """Random-access document sources: a split of a dataset as `len()` + `[i] -> str`.
 
 TFDS datasets (the embedded builders or any dataset the user prepared in array_record format)
-are read through `tfds.data_source`; a glob of local .txt / .jsonl files is indexed in memory
+are read through `builder.as_data_source` (what `tfds.data_source` returns); a glob of local .txt / .jsonl files is indexed in memory
 (path, byte offset, length per document) and read on demand, so Grain can shuffle and shard
 any of them by index.
 """
@@ -141,7 +141,13 @@ def _prepared_builder(cfg: DataConfig):
     if cfg.dataset in (EMBEDDED, SYNTHETIC):
         cls = builders.CtxextEmbedded if cfg.dataset == EMBEDDED else builders.CtxextSynthetic
         builder = cls(data_dir=cfg.data_dir or None, file_format="array_record")
-        builder.download_and_prepare()
+        try:
+            builder.download_and_prepare()
+        except OSError:
+            # Another host of the same job on a shared disk renamed its copy into place first.
+            builder = cls(data_dir=cfg.data_dir or None, file_format="array_record")
+            if not builder.is_prepared():
+                raise
         return builder
     where = f"data.dataset={cfg.dataset!r} in data.data_dir={cfg.data_dir or '(TFDS default)'!r}"
     fix = (
