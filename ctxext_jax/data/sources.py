@@ -1,9 +1,9 @@
 """Random-access document sources: a split of a dataset as `len()` + `[i] -> str`.
 
 TFDS datasets (the embedded builders or any dataset the user prepared in array_record format)
-are read through `builder.as_data_source` (what `tfds.data_source` returns); a glob of local .txt / .jsonl files is indexed in memory
-(path, byte offset, length per document) and read on demand, so Grain can shuffle and shard
-any of them by index.
+are read through `builder.as_data_source` (what `tfds.data_source` returns); a glob of local
+.txt / .jsonl files is indexed in memory (path, byte offset, length per document) and read on
+demand, so Grain can shuffle and shard any of them by index.
 """
 
 from __future__ import annotations
