@@ -96,8 +96,10 @@ def make_tokenizer_files(folder: str, *, vocab_size: int = 100) -> None:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=60
     )
-    text = "def main(argv):\n    return [x for x in range(10) if x % 2] # the quick brown fox"
-    tok.train_from_iterator([text] * 20, trainer=trainer)
+    rng = np.random.default_rng(0)
+    letters = list("abcdefghijklmnopqrstuvwxyz_():=[]")
+    words = ["".join(rng.choice(letters, size=rng.integers(2, 8))) for _ in range(3000)]
+    tok.train_from_iterator([" ".join(words[i : i + 50]) for i in range(0, 3000, 50)], trainer)
     os.makedirs(folder, exist_ok=True)
     tok.save(os.path.join(folder, "tokenizer.json"))
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:

@@ -202,7 +202,7 @@ def test_bad_folders(tmp_path):
     # A tensor of the wrong shape: config.json says a wider MLP than the weights hold.
     shutil.copytree(src, tmp_path / "wide")
     _edit_config(tmp_path / "wide", intermediate_size=128)
-    wrong = r"gate_proj.weight .* shape \[96, 64\] .* expects \[128, 64\]"
+    wrong = r"down_proj.weight .* shape \[64, 96\] but the model config expects \[64, 128\]"
     with pytest.raises(ValueError, match=wrong):
         load(str(tmp_path / "wide"))
     # Unknown architecture; unsupported fields.
@@ -224,12 +224,16 @@ def test_bad_folders(tmp_path):
         _edit_config(tmp_path / "bad", **changes)
         with pytest.raises(ValueError, match=pattern):
             load(str(tmp_path / "bad"))
-    # A tokenizer larger than the vocabulary.
-    make_tokenizer_files(str(tmp_path / "tok"), vocab_size=200)
-    with pytest.raises(ValueError, match="has 1.. tokens but the model's vocab_size is 128"):
-        hf.check_tokenizer(hf.tokenizer_spec(str(tmp_path / "tok")), 128)
     with pytest.raises(ValueError, match="neither tokenizer.json nor tokenizer.model"):
         hf.tokenizer_spec(src)
+    # A tokenizer larger than the vocabulary.
+    make_tokenizer_files(str(tmp_path / "tok"), vocab_size=200)
+    too_many = "has 200 tokens but the model's vocab_size is 128"
+    with pytest.raises(ValueError, match=too_many):
+        hf.check_tokenizer(hf.tokenizer_spec(str(tmp_path / "tok")), 128)
+    hf.copy_tokenizer(str(tmp_path / "tok"), src)
+    with pytest.raises(ValueError, match=too_many):
+        convert.import_to_checkpoint(src, str(tmp_path / "ckpt"))
 
 
 def test_export_refuses_what_hf_cannot_represent():
