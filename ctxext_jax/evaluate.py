@@ -190,77 +190,82 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------- command line
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: configs/x.py[:arg].")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run workdir, step folder or HF folder.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Results go to WORKDIR/eval.")
-_NAME = flags.DEFINE_string("name", None, "Run name in reports; default: basename of workdir.")
-_LENGTHS = flags.DEFINE_list("lengths", None, "Window lengths; default 1,2,4,8 x trained length.")
-_METRICS = flags.DEFINE_list("metrics", list(METRICS), f"Subset of {METRICS}.")
-_STRIDE = flags.DEFINE_float("stride", 0.5, "Sliding-window stride: tokens, or fraction if < 1.")
-_PPL_TOKENS = flags.DEFINE_integer(
-    "ppl_tokens", None, "Eval-split tokens scored per length; default max(32768, 4 x longest)."
-)
-_BUCKETS = flags.DEFINE_integer("buckets", 16, "Position buckets for loss by position.")
-_PASSKEY_TRIALS = flags.DEFINE_integer("passkey_trials", 5, "Seeded keys per length x depth.")
-_DEPTHS = flags.DEFINE_list("depths", ["0", "0.25", "0.5", "0.75", "1"], "Key depths in [0, 1].")
-_NEEDLE_TRIALS = flags.DEFINE_integer("needle_trials", 2, "Trials per needle grid cell.")
-_VARIANTS = flags.DEFINE_list("needle_variants", list(VARIANTS), f"Subset of {VARIANTS}.")
-_NEEDLES = flags.DEFINE_integer("needles", 3, "Needles in the multi / distractor variants.")
-_BATCH_TOKENS = flags.DEFINE_integer("batch_tokens", 16384, "Tokens per forward pass.")
-_BLOCKWISE_ABOVE = flags.DEFINE_integer(
-    "blockwise_above", 2048, "Longer windows use the memory-efficient blockwise attention."
-)
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of passkeys, needles and haystack offsets.")
-_COMPARE = flags.DEFINE_list("compare", None, "Eval workdirs to put in one table and plots.")
+def define_flags() -> None:
+    """The CLI flags; defined only when run as a program, so that importing this module next
+    to `ctxext_jax.train` (which owns --config and --workdir there) never clashes."""
+    config_flags.DEFINE_config_file("config", None, "Run config: configs/x.py[:arg].")
+    flags.DEFINE_string("checkpoint", None, "Run workdir, step folder or HF folder.")
+    flags.DEFINE_string("workdir", None, "Results go to WORKDIR/eval.")
+    flags.DEFINE_string("name", None, "Run name in reports; default: basename of workdir.")
+    flags.DEFINE_list("lengths", None, "Window lengths; default 1,2,4,8 x trained length.")
+    flags.DEFINE_list("metrics", list(METRICS), f"Subset of {METRICS}.")
+    flags.DEFINE_float("stride", 0.5, "Sliding-window stride: tokens, or fraction if < 1.")
+    flags.DEFINE_integer(
+        "ppl_tokens", None, "Eval-split tokens scored per length; default max(32768, 4 x longest)."
+    )
+    flags.DEFINE_integer("buckets", 16, "Position buckets for loss by position.")
+    flags.DEFINE_integer("passkey_trials", 5, "Seeded keys per length x depth.")
+    flags.DEFINE_list("depths", ["0", "0.25", "0.5", "0.75", "1"], "Key depths in [0, 1].")
+    flags.DEFINE_integer("needle_trials", 2, "Trials per needle grid cell.")
+    flags.DEFINE_list("needle_variants", list(VARIANTS), f"Subset of {VARIANTS}.")
+    flags.DEFINE_integer("needles", 3, "Needles in the multi / distractor variants.")
+    flags.DEFINE_integer("batch_tokens", 16384, "Tokens per forward pass.")
+    flags.DEFINE_integer(
+        "blockwise_above", 2048, "Longer windows use the memory-efficient blockwise attention."
+    )
+    flags.DEFINE_integer("seed", 0, "Seed of passkeys, needles and haystack offsets.")
+    flags.DEFINE_list("compare", None, "Eval workdirs to put in one table and plots.")
 
 
 def _options() -> EvalOptions | None:
-    if _LENGTHS.value is None:
+    f = flags.FLAGS
+    if f.lengths is None:
         return None
     try:
-        lengths = tuple(int(n) for n in _LENGTHS.value)
-        depths = tuple(float(d) for d in _DEPTHS.value)
+        lengths = tuple(int(n) for n in f.lengths)
+        depths = tuple(float(d) for d in f.depths)
     except ValueError as e:
         raise ValueError(f"--lengths / --depths: {e}; give comma-separated numbers.") from None
-    ppl_tokens = _PPL_TOKENS.value or max(32768, 4 * max(lengths) + 1)
+    ppl_tokens = f.ppl_tokens or max(32768, 4 * max(lengths) + 1)
     return EvalOptions(
         lengths=lengths,
-        metrics=tuple(_METRICS.value),
-        stride=_STRIDE.value,
+        metrics=tuple(f.metrics),
+        stride=f.stride,
         ppl_tokens=ppl_tokens,
-        buckets=_BUCKETS.value,
-        passkey_trials=_PASSKEY_TRIALS.value,
+        buckets=f.buckets,
+        passkey_trials=f.passkey_trials,
         depths=depths,
-        needle_trials=_NEEDLE_TRIALS.value,
-        needle_variants=tuple(_VARIANTS.value),
-        needles=_NEEDLES.value,
-        batch_tokens=_BATCH_TOKENS.value,
-        seed=_SEED.value,
+        needle_trials=f.needle_trials,
+        needle_variants=tuple(f.needle_variants),
+        needles=f.needles,
+        batch_tokens=f.batch_tokens,
+        seed=f.seed,
     )
 
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:
+    f = flags.FLAGS
+    if not f["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax / TFDS info lines drown the progress line
     try:
-        if not _WORKDIR.value:
+        if not f.workdir:
             raise ValueError("--workdir is required (results go to WORKDIR/eval).")
-        if _COMPARE.value:
-            written = compare_runs(_COMPARE.value, os.path.join(_WORKDIR.value, "eval"))
+        if f.compare:
+            written = compare_runs(f.compare, os.path.join(f.workdir, "eval"))
         else:
-            if _CONFIG.value is None or not _CHECKPOINT.value:
+            if f.config is None or not f.checkpoint:
                 raise ValueError("--config and --checkpoint are required (or give --compare).")
             evaluate(
-                _CONFIG.value,
-                _CHECKPOINT.value,
-                _WORKDIR.value,
+                f.config,
+                f.checkpoint,
+                f.workdir,
                 _options(),
-                name=_NAME.value,
-                blockwise_above=_BLOCKWISE_ABOVE.value,
+                name=f.name,
+                blockwise_above=f.blockwise_above,
             )
             written = ["report.md", "results.json", "*.png"]
-        print(f"wrote {', '.join(written)} to {os.path.join(_WORKDIR.value, 'eval')}", flush=True)
+        print(f"wrote {', '.join(written)} to {os.path.join(f.workdir, 'eval')}", flush=True)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         if os.environ.get("CTXEXT_TRACEBACK"):
             raise
@@ -269,4 +274,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -150,6 +150,12 @@ def passkey_prompt(tokenizer, *, length: int, depth: float, key: int) -> Prompt:
     )
 
 
+def passkey_min_length(tokenizer) -> int:
+    """The shortest passkey prompt (no filler) in this tokenizer's tokens (5-digit keys)."""
+    parts = (PASSKEY_INTRO, PASSKEY_NEEDLE.format(key=99999), PASSKEY_QUESTION)
+    return 1 + sum(len(tokenizer.encode(p)) for p in parts)
+
+
 def needle_prompts(
     tokenizer,
     haystack: np.ndarray,

@@ -20,7 +20,7 @@ from ctxext_jax.evals.perplexity import (
     token_stream,
     window_plan,
 )
-from ctxext_jax.evals.retrieval import VARIANTS, needle_grid, passkey_grid
+from ctxext_jax.evals.retrieval import VARIANTS, needle_grid, passkey_grid, passkey_min_length
 from ctxext_jax.evals.scoring import Progress, Scorer, make_scorer
 
 METRICS = ("ppl", "passkey", "needle")
@@ -198,7 +198,8 @@ def long_eval_subset(
 ) -> dict[str, float]:
     """The cheap subset for training-time logging: `ppl_len_{L}` (half-overlapping windows over
     the first ~`windows` * L tokens of the eval split) and `passkey_acc_len_{L}` (mean over
-    `depths` x `passkey_trials` seeded keys) for each L in `lengths`.
+    `depths` x `passkey_trials` seeded keys) for each L in `lengths` (passkey only where L
+    holds the template: about 250 tokens with the byte tokenizer).
 
     apply(params, tokens) -> logits; batch_sharding: the trainer's ("batch", "length")
     sharding, so rows are laid out like training batches.
@@ -219,7 +220,7 @@ def long_eval_subset(
                 buckets=1,
             )
             out[f"ppl_len_{length}"] = ppl["ppl"]
-        if passkey_trials > 0:
+        if passkey_trials > 0 and length >= passkey_min_length(tokenizer):
             grid = passkey_grid(
                 scorer,
                 tokenizer,
