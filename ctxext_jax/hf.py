@@ -640,3 +640,9 @@ def copy_tokenizer(src: str, out_dir: str) -> list[str]:
             shutil.copy(os.path.join(src, name), os.path.join(out_dir, name))
             copied.append(name)
     return copied
+
+
+def model_json(path: str) -> dict[str, Any]:
+    """An HF folder's ModelConfig fields as `checkpoint.read_model_json` returns a checkpoint's,
+    for `checkpoint.check_compatible(hf.model_json(folder), model_cfg)`."""
+    return json.loads(config_from_hf(read_config(path)).to_json())

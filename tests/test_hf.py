@@ -88,6 +88,10 @@ def test_bfloat16_weights(tmp_path):
     model = hf.from_pretrained(str(tmp_path / "bf16"))
     tokens = random_tokens(2)
     assert rel_err(model(tokens), torch_logits(reference, tokens)) < TOL
+    # ShapeDtypeStructs without shardings load onto the default device.
+    plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), model.params)
+    params = hf.load_params(str(tmp_path / "bf16"), plain)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), params, model.params))
 
 
 @pytest.mark.parametrize("family,arch", [("mistral", None), ("qwen3", None), ("qwen2", None),
