@@ -41,7 +41,9 @@ def _read_png(path):
 def test_end_to_end_report(trained, tmp_path):
     out = str(tmp_path / "run")
     options = EvalOptions(lengths=(256, 512), **SMALL)
-    results = evaluate(tiny.get_config("test"), trained, out, options, blockwise_above=256,
+    config = tiny.get_config("test")
+    config.model.attention_impl = "xla"  # dense up to blockwise_above, blockwise beyond
+    results = evaluate(config, trained, out, options, blockwise_above=256,
                        progress=False)  # fmt: skip
     files = sorted(os.listdir(os.path.join(out, "eval")))
     assert {"report.md", "results.json", "ppl_vs_length.png", "position_loss.png",
@@ -52,7 +54,7 @@ def test_end_to_end_report(trained, tmp_path):
             _read_png(os.path.join(out, "eval", name))
     saved = json.load(open(os.path.join(out, "eval", "results.json")))
     assert saved["trained_length"] == 64 and saved["source"].startswith("ctxext_jax")
-    assert saved["attention_impl"] == {"256": "auto", "512": "blockwise"}
+    assert saved["attention_impl"] == {"256": "xla", "512": "blockwise"}
     ppl = saved["perplexity"]
     assert [r["length"] for r in ppl] == [256, 512]
     assert ppl[0]["tokens"] == ppl[1]["tokens"] == 1499  # the same tokens at every length
@@ -62,10 +64,10 @@ def test_end_to_end_report(trained, tmp_path):
     report = open(os.path.join(out, "eval", "report.md")).read()
     assert "Perplexity by context length" in report and "![passkey.png](passkey.png)" in report
     # The blockwise path gives the dense path's numbers (every window fits the xla kernel too).
-    dense = evaluate(tiny.get_config("test"), trained, str(tmp_path / "dense"),
+    dense = evaluate(config, trained, str(tmp_path / "dense"),
                      EvalOptions(lengths=(512,), metrics=("ppl",), **SMALL),
                      blockwise_above=4096, progress=False)  # fmt: skip
-    assert dense["attention_impl"] == {"512": "auto"}
+    assert dense["attention_impl"] == {"512": "xla"}
     assert dense["perplexity"][0]["loss"] == pytest.approx(results["perplexity"][1]["loss"], 1e-4)
 
 
@@ -147,3 +149,4 @@ def test_positional_overrides_and_backend_choice():
     assert attention_impl_for("xla", 8192, blockwise_above=2048) == "blockwise"
     assert attention_impl_for("xla", 1024, blockwise_above=2048) == "xla"
     assert attention_impl_for("cudnn", 8192, blockwise_above=2048) == "cudnn"
+    assert attention_impl_for("auto", 8192, blockwise_above=2048) == "auto"
