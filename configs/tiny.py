@@ -34,9 +34,9 @@ def get_config(arg: str = "base"):
             "factor": float(factor),
             "original_max_position_embeddings": BASE_LEN,
         }
-        c.train.update(steps=100, batch_size=4)
+        c.train.update(steps=100, batch_size=8)
         c.optim.update(lr=1e-3, warmup_steps=10)
-        c.eval.update(every=50, batch_size=4)
+        c.eval.update(every=50, batch_size=8)
     elif arg == "test":  # seconds per step on CPU: what the test suite trains
         c.model.update(d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=128)
         c.model.max_position_embeddings = c.data.seq_len = 64

@@ -167,10 +167,14 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     _validate_mesh(config, num_devices or jax.device_count(), jax.process_count())
     _validate_data(config)
     if config.checkpoint.init_from:
+        from ctxext_jax import hf
         from ctxext_jax.checkpoint import resolve_init_from
 
         try:
-            resolve_init_from(config.checkpoint.init_from)
+            if hf.is_hf_folder(config.checkpoint.init_from):
+                hf.model_json(config.checkpoint.init_from)
+            else:
+                resolve_init_from(config.checkpoint.init_from)
         except (FileNotFoundError, ValueError) as e:
             _fail("checkpoint.init_from", str(e))
 

@@ -24,7 +24,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from ctxext_jax import checkpoint, data, sharding
+from ctxext_jax import checkpoint, data, hf, sharding
 from ctxext_jax.config import ConfigError, validate
 from ctxext_jax.metrics import MetricsWriter, Progress, peak_flops_per_device, perplexity
 from ctxext_jax.model import Decoder, ModelConfig, flops_per_token, param_axes, param_count
@@ -125,7 +125,8 @@ def evaluate_loss(program: Program, params, data_cfg, eval_cfg, seq_len: int) ->
     total, count = 0.0, 0.0
     for batch in data.eval_batches(
         data_cfg, batch_size=eval_cfg.batch_size // jax.process_count(), seq_len=seq_len,
-        max_batches=eval_cfg.batches,
+        max_batches=eval_cfg.batches, shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
     ):  # fmt: skip
         batch_total, batch_count = program.eval_step(
             params, device_batch(batch, program.batch_sharding)
@@ -169,9 +170,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, train_iter = ckpt.restore(program.abstract_state, train_iter)
         print(f"resumed from step {int(state['step'])} in {ckpt.directory}", flush=True)
     elif config.checkpoint.init_from:
-        source = checkpoint.resolve_init_from(config.checkpoint.init_from)
-        checkpoint.check_compatible(checkpoint.read_model_json(source), model_cfg)
-        state = program.init_state(checkpoint.load_params(source, program.abstract_params))
+        source = config.checkpoint.init_from
+        if hf.is_hf_folder(source):  # a Hugging Face folder: config.json + safetensors
+            checkpoint.check_compatible(hf.model_json(source), model_cfg)
+            params = hf.load_params(source, program.abstract_params)
+        else:
+            source = checkpoint.resolve_init_from(source)
+            checkpoint.check_compatible(checkpoint.read_model_json(source), model_cfg)
+            params = checkpoint.load_params(source, program.abstract_params)
+        state = program.init_state(params)
         print(f"initialised weights from {source}", flush=True)
     else:
         state = program.init_state(program.init_params())

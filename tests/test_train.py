@@ -1,0 +1,164 @@
+"""The training backbone: sharded steps equal single-device ones, exact resume, loss goes down."""
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from ctxext_jax import sharding
+from ctxext_jax.metrics import read_metrics
+from ctxext_jax.model import ModelConfig
+from ctxext_jax.optim import OptimConfig
+from ctxext_jax.train import build_program, device_batch, train_and_evaluate
+
+
+def _random_batch(rng, batch, seq_len, vocab):
+    """Rows of two or three packed documents each, with per-document positions."""
+    inputs = rng.integers(3, vocab, (batch, seq_len), dtype=np.int32)
+    segment_ids = np.zeros((batch, seq_len), np.int32)
+    positions = np.zeros((batch, seq_len), np.int32)
+    for row in range(batch):
+        cuts = np.sort(
+            rng.choice(np.arange(8, seq_len - 8), size=rng.integers(1, 3), replace=False)
+        )
+        starts = np.concatenate([[0], cuts])
+        ends = np.concatenate([cuts, [seq_len - 4]])  # the last 4 tokens are padding
+        for seg, (a, b) in enumerate(zip(starts, ends, strict=True), start=1):
+            segment_ids[row, a:b] = seg
+            positions[row, a:b] = np.arange(b - a)
+    targets = np.roll(inputs, -1, axis=1)
+    return {
+        "inputs": inputs,
+        "targets": targets,
+        "segment_ids": segment_ids,
+        "positions": positions,
+        "loss_mask": (segment_ids > 0).astype(np.float32),
+    }
+
+
+def _run(config, mesh_shape, batches, devices):
+    config.mesh.shape.update(mesh_shape)
+    mesh_cfg = sharding.MeshConfig.from_config(config.mesh)
+    mesh = sharding.make_mesh(mesh_cfg, devices)
+    program = build_program(
+        ModelConfig.from_config(config.model),
+        OptimConfig.from_config(config.optim, train_steps=config.train.steps),
+        mesh,
+        mesh_cfg.rules,
+        grad_accum=config.train.grad_accum,
+        seed=0,
+    )
+    state = program.init_state(program.init_params())
+    losses = []
+    for batch in batches:
+        state, metrics = program.train_step(state, device_batch(batch, program.batch_sharding))
+        losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state["params"])
+
+
+@pytest.fixture(scope="module")
+def step_config():
+    config = tiny.get_config("test")
+    config.model.layer_pattern = "GL"
+    config.model.window = 24
+    return config
+
+
+@pytest.fixture(scope="module")
+def step_batches():
+    rng = np.random.default_rng(0)
+    return [_random_batch(rng, 8, 64, 259) for _ in range(2)]
+
+
+@pytest.fixture(scope="module")
+def single_device_run(step_config, step_batches):
+    single = {"data": 1, "fsdp": 1, "tensor": 1}
+    return _run(step_config.copy_and_resolve_references(), single, step_batches, jax.devices()[:1])
+
+
+@pytest.mark.parametrize(
+    "mesh_shape",
+    [
+        {"data": 8, "fsdp": 1, "tensor": 1},
+        {"data": 1, "fsdp": 8, "tensor": 1},
+        {"data": 1, "fsdp": 2, "tensor": 4},
+        {"data": 2, "fsdp": 2, "tensor": 2},
+    ],
+    ids=["data8", "fsdp8", "fsdp2-tensor4", "data2-fsdp2-tensor2"],
+)
+def test_sharded_step_equals_single_device(step_config, step_batches, single_device_run,
+                                           mesh_shape):  # fmt: skip
+    reference_losses, reference = single_device_run
+    losses, params = _run(step_config.copy_and_resolve_references(), mesh_shape, step_batches,
+                          jax.devices())  # fmt: skip
+    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 params, reference)  # fmt: skip
+
+
+def test_gradient_accumulation_equals_whole_batch(step_config, step_batches, single_device_run):
+    config = step_config.copy_and_resolve_references()
+    config.train.grad_accum = 4
+    single = {"data": 1, "fsdp": 1, "tensor": 1}
+    losses, params = _run(config, single, step_batches, jax.devices()[:1])
+    reference_losses, reference = single_device_run
+    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 params, reference)  # fmt: skip
+
+
+def _run_config(steps):
+    config = tiny.get_config("test")
+    config.train.steps = steps
+    config.optim.decay_steps = 8
+    config.checkpoint.every = 4
+    config.eval.update(every=4, batches=2)
+    return config
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """8 uninterrupted steps of the embedded default (tiny:test), evaluated at 4 and 8."""
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    final = train_and_evaluate(_run_config(8), workdir)
+    return workdir, final
+
+
+def test_resume_gives_the_same_losses(straight_run, tmp_path):
+    """4 steps, stop, restart the same run to step 8 == 8 uninterrupted steps."""
+    train_and_evaluate(_run_config(4), str(tmp_path))
+    train_and_evaluate(_run_config(8), str(tmp_path))
+    straight = {m["step"]: m["loss"] for m in read_metrics(straight_run[0]) if "loss" in m}
+    resumed = {m["step"]: m["loss"] for m in read_metrics(str(tmp_path)) if "loss" in m}
+    assert sorted(resumed) == list(range(1, 9))
+    np.testing.assert_allclose([resumed[s] for s in range(5, 9)],
+                               [straight[s] for s in range(5, 9)], rtol=1e-6)  # fmt: skip
+
+
+def test_embedded_run_lowers_validation_loss_and_writes_artifacts(straight_run):
+    workdir, final = straight_run
+    records = read_metrics(workdir)
+    evals = [m["eval_loss"] for m in records if "eval_loss" in m]
+    assert len(evals) == 2
+    assert evals[-1] < evals[0] - 0.2, evals
+    assert evals[0] < np.log(259)  # below a uniform guess over the byte vocabulary
+    assert final["eval_perplexity"] == pytest.approx(np.exp(final["eval_loss"]), rel=1e-5)
+    assert list(Path(workdir, "tensorboard").glob("events.out.tfevents.*"))
+    assert {m["step"] for m in records} == set(range(1, 9))
+    assert {"loss", "grad_norm", "learning_rate", "tokens_per_sec", "mfu"} <= set(records[-2])
+
+
+def test_init_from_changes_length_and_rope(straight_run, tmp_path):
+    """Weights carry over to a 4x longer YaRN run: its first loss is far below a fresh model's."""
+    config = _run_config(1)
+    config.data.seq_len = config.model.max_position_embeddings = 256
+    config.model.rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 64}  # fmt: skip
+    config.checkpoint.init_from = straight_run[0]
+    train_and_evaluate(config, str(tmp_path))
+    first = read_metrics(str(tmp_path))[0]
+    assert first["step"] == 1
+    fresh_first = read_metrics(straight_run[0])[0]["loss"]
+    assert first["loss"] < fresh_first - 0.5
