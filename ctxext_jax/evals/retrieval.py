@@ -222,13 +222,15 @@ def exact_matches(
     """rows: (prompt [L], answer [n]) -> bool [R]: greedy decoding after the prompt reproduces
     the answer exactly (teacher-forced argmax equality at every answer position)."""
     out = np.zeros(len(rows), bool)
-    longest = max(len(p) + len(a) - 1 for p, a in rows)
-    per_batch = max(1, batch_tokens // longest)
+    # Every batch has the same shape (the longest row; the last batch padded with empty rows)
+    # so the model compiles once per call; padding after a row's tokens never reaches them.
+    T = max(len(p) + len(a) - 1 for p, a in rows)
+    per_batch = max(1, batch_tokens // T)
+    shape = (min(per_batch, len(rows)), T)
     for start in range(0, len(rows), per_batch):
         chunk = rows[start : start + per_batch]
-        T = max(len(p) + len(a) - 1 for p, a in chunk)
-        inputs = np.full((len(chunk), T), pad_id, np.int32)
-        targets = np.full((len(chunk), T), pad_id, np.int32)
+        inputs = np.full(shape, pad_id, np.int32)
+        targets = np.full(shape, pad_id, np.int32)
         for r, (prompt, answer) in enumerate(chunk):
             sequence = np.concatenate([prompt, answer])
             inputs[r, : len(sequence) - 1], targets[r, : len(sequence) - 1] = (

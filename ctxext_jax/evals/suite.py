@@ -7,7 +7,6 @@ imported Hugging Face models and the live parameters of a training run.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Callable, Sequence
 
@@ -177,9 +176,15 @@ def run_suite(
     return results
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_stream(data_cfg: DataConfig, tokenizer_spec: str, max_tokens: int, tokenizer):
-    return token_stream(eval_documents(data_cfg), tokenizer, max_tokens=max_tokens)
+_STREAMS: dict[tuple, np.ndarray] = {}
+
+
+def _cached_stream(data_cfg: DataConfig, tokenizer, max_tokens: int) -> np.ndarray:
+    """The subset's eval tokens, read once per process (the trainer calls every few steps)."""
+    key = (data_cfg, getattr(tokenizer, "spec", type(tokenizer).__name__), max_tokens)
+    if key not in _STREAMS:
+        _STREAMS[key] = token_stream(eval_documents(data_cfg), tokenizer, max_tokens=max_tokens)
+    return _STREAMS[key]
 
 
 def long_eval_subset(
@@ -205,9 +210,7 @@ def long_eval_subset(
     sharding, so rows are laid out like training batches.
     """
     scorer = make_scorer(apply, params, batch_sharding=batch_sharding, pad_id=tokenizer.pad_id)
-    stream = _cached_stream(
-        data_cfg, getattr(tokenizer, "spec", repr(tokenizer)), windows * max(lengths) + 1, tokenizer
-    )
+    stream = _cached_stream(data_cfg, tokenizer, windows * max(lengths) + 1)
     out: dict[str, float] = {}
     for length in lengths:
         if len(stream) > length:
