@@ -170,6 +170,35 @@ def test_bfloat16(name):
             np.testing.assert_allclose(g.astype(jnp.float32), gw, atol=tol, err_msg=impl)
 
 
+@pytest.mark.parametrize("pattern", [dict(window=5, sinks=3), dict(chunk=6, sinks=2)], ids=str)
+def test_blockwise_packed_sinks_many_documents(pattern):
+    """Per-document sinks are found at run time; random packings with many documents per
+    block and per batch row must still match the dense reference."""
+    rng = np.random.default_rng()
+    B, T = 3, 53
+    lengths = [list(rng.integers(1, 12, size=6)) for _ in range(B)]
+    seg, pos = documents(
+        B, T, [np.minimum(np.cumsum(n), T) - np.minimum(np.cumsum(n) - n, T) for n in lengths]
+    )
+    s, p = jnp.asarray(seg), jnp.asarray(pos)
+    mask = Mask(**pattern, q_segment_ids=s, kv_segment_ids=s, q_positions=p, kv_positions=p)
+    keep, _ = pattern_matrix(B, T, T, seg=seg, pos=pos, **pattern)
+    keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 4)
+    q = jax.random.normal(keys[0], (B, T, 4, 8))
+    k = jax.random.normal(keys[1], (B, T, 2, 8))
+    v = jax.random.normal(keys[2], (B, T, 2, 8))
+    w = jax.random.normal(keys[3], q.shape)
+    fn = lambda q, k, v: attention(  # noqa: E731
+        q, k, v, mask=mask, implementation="blockwise", block_q=4, block_kv=4
+    )
+    out, grads = outputs_and_grads(fn, (q, k, v), w)
+    ref = lambda q, k, v: reference(q, k, v, jnp.asarray(keep), scale=8**-0.5)  # noqa: E731
+    want, want_grads = outputs_and_grads(ref, (q, k, v), w)
+    np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
+    for g, gw in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, gw, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("impl", ["xla", "blockwise"])
 def test_rows_without_keys_return_zero(impl):
     """Queries whose segment has no key (padding against a cache) give 0, and finite grads."""

@@ -338,6 +338,7 @@ class _Plan:
     bk: int
     table: tuple[tuple[int, ...], ...]  # [nq, max_blocks] key blocks per query block
     counts: tuple[int, ...]  # [nq] how many entries of each table row are used
+    doc_sinks: int  # >0: sinks of per-document positions, whose key blocks are found at run time
 
 
 def _block_plan(mask: Mask, T: int, S: int, bq: int, bk: int) -> tuple[tuple, tuple]:
@@ -368,11 +369,25 @@ def _blockwise(q, k, v, mask, bias, alibi_slopes, scale, softcap, *, block_q, bl
         raise ValueError(f"block_q and block_kv must be >= 1, got {block_q}, {block_kv}.")
     bq, bk = min(block_q, T), min(block_kv, S)
     Tp, Sp = -(-T // bq) * bq, -(-S // bk) * bk
-    table, counts = _block_plan(mask, T, S, bq, bk)
+    # Packed documents with sinks: each document's first tokens sit at a row known only at run
+    # time. The static table then covers the window / chunk alone and `_sink_blocks` adds the
+    # blocks holding the sinks of the document each query block starts in, so the cost stays
+    # O(T * (w + n)) instead of the causal O(T^2 / 2).
+    doc_sinks = 0
+    if (
+        mask.sinks
+        and (mask.window or mask.chunk)
+        and not mask.default_positions
+        and mask.index_aligned(T, S)
+    ):
+        doc_sinks = mask.sinks
+    table, counts = _block_plan(
+        dataclasses.replace(mask, sinks=0) if doc_sinks else mask, T, S, bq, bk
+    )
     pattern = dataclasses.replace(
         mask, q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None
     )
-    plan = _Plan(pattern, scale, softcap or None, S, bq, bk, table, counts)
+    plan = _Plan(pattern, scale, softcap or None, S, bq, bk, table, counts, doc_sinks)
 
     def pad(x, axis, n):
         widths = [(0, 0)] * x.ndim
@@ -430,6 +445,40 @@ def _scores(plan, i, j, q_blk, k, bias, slopes, q_pos, kv_pos, q_seg, kv_seg):
     return jnp.where(keep[:, None, None], s, -jnp.inf), tanh
 
 
+def _sink_blocks(plan, i, row, cnt, q_pos):
+    """Key blocks holding the first `doc_sinks` rows of the document that each batch row's
+    query block i starts in, that the static row does not already visit: (blocks, valid) [B*m].
+
+    Documents starting inside the query block have their sinks inside the window / chunk range,
+    which always reaches back to the block's first row (index-aligned positions).
+    """
+    bq, bk, n = plan.bq, plan.bk, plan.doc_sinks
+    start = i * bq - q_pos[:, i * bq]  # [B or 1] row where that document begins
+    m = -(-n // bk) + 1
+    blocks = (start[:, None] // bk + jnp.arange(m)[None]).reshape(-1)
+    last = jnp.repeat((start + n - 1) // bk, m)
+    first_static, last_static = row[0], row[jnp.maximum(cnt - 1, 0)]
+    valid = (blocks <= last) & (blocks >= 0) & (blocks * bk < plan.S)
+    valid &= (cnt == 0) | (blocks < first_static) | (blocks > last_static)
+    # Visit each block once: drop repeats of an earlier valid candidate (other batch rows).
+    earlier = jnp.tril(jnp.ones((blocks.size, blocks.size), bool), -1)
+    repeat = jnp.any(earlier & (blocks[:, None] == blocks[None]) & valid[None], axis=1)
+    return blocks, valid & ~repeat
+
+
+def _visit(plan, i, row, cnt, q_pos, body, carry):
+    """carry = body(j, carry) for every key block j that query block i may attend to."""
+    carry = jax.lax.fori_loop(0, cnt, lambda t, c: body(row[t], c), carry)
+    if plan.doc_sinks:
+        blocks, valid = _sink_blocks(plan, i, row, cnt, q_pos)
+
+        def maybe(t, c):
+            return jax.lax.cond(valid[t], lambda c: body(blocks[t], c), lambda c: c, c)
+
+        carry = jax.lax.fori_loop(0, blocks.size, maybe, carry)
+    return carry
+
+
 def _q_blocks(x, bq):
     """[B, Tp, ...] -> [nq, B, bq, ...] for scanning over query blocks."""
     return jnp.moveaxis(x.reshape(x.shape[0], -1, bq, *x.shape[2:]), 1, 0)
@@ -451,9 +500,8 @@ def _flash_fwd(plan, q, k, v, bias, slopes, q_pos, kv_pos, q_seg, kv_seg):
         stat = jnp.zeros((B, K, G, plan.bq), jnp.float32)
         init = (stat - jnp.inf, stat, jnp.zeros((B, K, G, plan.bq, D), jnp.float32))
 
-        def body(t, carry):
+        def body(j, carry):
             m, l, acc = carry
-            j = row[t]
             s, _ = _scores(plan, i, j, q_blk, k, bias, slopes, q_pos, kv_pos, q_seg, kv_seg)
             m_new = jnp.maximum(m, s.max(-1))
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all masked so far
@@ -465,7 +513,7 @@ def _flash_fwd(plan, q, k, v, bias, slopes, q_pos, kv_pos, q_seg, kv_seg):
             )
             return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
-        m, l, acc = jax.lax.fori_loop(0, cnt, body, init)
+        m, l, acc = _visit(plan, i, row, cnt, q_pos, body, init)
         o = acc / jnp.where(l > 0, l, 1.0)[..., None]
         # Rows with no visible key: o = 0 and lse = +inf, so the backward's p = exp(s - lse) = 0.
         return o, jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
@@ -498,9 +546,8 @@ def _flash_bwd(plan, res, cotangents):
     def one_block(acc, xs):
         i, row, cnt, q_blk, do_blk, lse_blk, delta_blk = xs
 
-        def body(t, carry):
+        def body(j, carry):
             dq, dk, dv, dbias, dslopes = carry
-            j = row[t]
             s, tanh = _scores(plan, i, j, q_blk, k, bias, slopes, q_pos, kv_pos, q_seg, kv_seg)
             p = jnp.exp(s - lse_blk[..., None])
             k_blk = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
@@ -536,7 +583,7 @@ def _flash_bwd(plan, res, cotangents):
             return dq, dk, dv, dbias, dslopes
 
         dq0 = jnp.zeros(q_blk.shape, jnp.float32)
-        dq, *acc = jax.lax.fori_loop(0, cnt, body, (dq0, *acc))
+        dq, *acc = _visit(plan, i, row, cnt, q_pos, body, (dq0, *acc))
         return tuple(acc), dq
 
     xs = (idx, table, counts, _q_blocks(q, bq), _q_blocks(do, bq), lse, delta)
