@@ -242,24 +242,38 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: configs/x
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "yes", "no"],
-    "jax.distributed.initialize(): 'auto' when a cluster is detected (Cloud TPU, SLURM, "
-    "JAX_COORDINATOR_ADDRESS).",
+    "Call jax.distributed.initialize(): 'auto' does when a cluster is detected (Cloud TPU pod, "
+    "SLURM) or --coordinator_address / JAX_COORDINATOR_ADDRESS is given.",
 )  # fmt: skip
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, where no cluster manager tells it."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the job.")
 
 
-def _wants_distributed() -> bool:
-    if _DISTRIBUTED.value != "auto":
-        return _DISTRIBUTED.value == "yes"
-    return any(
-        v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_ID")
+def initialize_distributed() -> None:
+    """Joins the multi-process job (every host runs this same program: SPMD)."""
+    cluster = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES")
+    wanted = _DISTRIBUTED.value == "yes" or (
+        _DISTRIBUTED.value == "auto"
+        and (_COORDINATOR.value or any(v in os.environ for v in cluster))
+    )
+    if not wanted:
+        return
+    # CPU processes (tests, laptops) talk over gloo; GPUs and TPUs ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
     )
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    if _wants_distributed():
-        jax.distributed.initialize()
+    initialize_distributed()
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, FileNotFoundError, ValueError) as e:
