@@ -156,6 +156,13 @@ def passkey_min_length(tokenizer) -> int:
     return 1 + sum(len(tokenizer.encode(p)) for p in parts)
 
 
+def needle_min_length(tokenizer, *, needles: int) -> int:
+    """The shortest needle prompt (no haystack) with `needles` needles, longest name."""
+    name = max(NAMES, key=lambda n: len(tokenizer.encode(NEEDLE.format(name=n, value=9999999))))
+    needle = len(tokenizer.encode(NEEDLE.format(name=name, value=9999999)))
+    return 1 + needles * needle + len(tokenizer.encode(NEEDLE_QUESTION.format(name=name)))
+
+
 def needle_prompts(
     tokenizer,
     haystack: np.ndarray,

@@ -19,7 +19,13 @@ from ctxext_jax.evals.perplexity import (
     token_stream,
     window_plan,
 )
-from ctxext_jax.evals.retrieval import VARIANTS, needle_grid, passkey_grid, passkey_min_length
+from ctxext_jax.evals.retrieval import (
+    VARIANTS,
+    needle_grid,
+    needle_min_length,
+    passkey_grid,
+    passkey_min_length,
+)
 from ctxext_jax.evals.scoring import Progress, Scorer, make_scorer
 
 METRICS = ("ppl", "passkey", "needle")
@@ -109,6 +115,17 @@ def run_suite(
             f"{len(stream)} are there (--ppl_tokens={options.ppl_tokens}); raise --ppl_tokens or "
             "lower the lengths."
         )
+    shortest = min(options.lengths)
+    for metric, need in [
+        ("passkey", passkey_min_length(tokenizer)),
+        ("needle", needle_min_length(tokenizer, needles=options.needles)),
+    ]:
+        if metric in options.metrics and shortest < need:
+            raise ValueError(
+                f"--lengths: {shortest} tokens cannot hold the {metric} prompt ({need} tokens "
+                f"without filler with this tokenizer); use lengths >= {need} or drop {metric} "
+                "from --metrics."
+            )
     bar = Progress(_tokens_of(options, len(stream))) if progress else None
     results: dict = {}
     timings: dict[str, float] = {}
