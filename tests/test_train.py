@@ -127,14 +127,17 @@ def straight_run(tmp_path_factory):
 
 
 def test_resume_gives_the_same_losses(straight_run, tmp_path):
-    """4 steps, stop, restart the same run to step 8 == 8 uninterrupted steps."""
+    """4 steps, stop, restart the same run to step 8 == 8 uninterrupted steps, also when the
+    restart runs on another mesh (the checkpoint is resharded onto it)."""
     train_and_evaluate(_run_config(4), str(tmp_path))
-    train_and_evaluate(_run_config(8), str(tmp_path))
+    resharded = _run_config(8)
+    resharded.mesh.shape.update(data=1, fsdp=4, tensor=2)
+    train_and_evaluate(resharded, str(tmp_path))
     straight = {m["step"]: m["loss"] for m in read_metrics(straight_run[0]) if "loss" in m}
     resumed = {m["step"]: m["loss"] for m in read_metrics(str(tmp_path)) if "loss" in m}
     assert sorted(resumed) == list(range(1, 9))
     np.testing.assert_allclose([resumed[s] for s in range(5, 9)],
-                               [straight[s] for s in range(5, 9)], rtol=1e-6)  # fmt: skip
+                               [straight[s] for s in range(5, 9)], rtol=1e-5)  # fmt: skip
 
 
 def test_embedded_run_lowers_validation_loss_and_writes_artifacts(straight_run):
