@@ -33,6 +33,19 @@ def _mark_trained(ax, trained_length: int | None) -> None:
         )
 
 
+def _length_axes(ax, lengths, *, log_y: bool) -> None:
+    """Log-2 x axis labelled with the evaluated lengths; plain numbers on a log y axis."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(set(lengths)), [str(n) for n in sorted(set(lengths))])
+    ax.minorticks_off()
+    if log_y:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
+
+
 def _heatmap(path: str, grid: Sequence[Sequence[float]], lengths, depths, title: str) -> None:
     plt = _pyplot()
     values = np.asarray(grid, dtype=float)
@@ -59,8 +72,7 @@ def _plots(results: dict, out_dir: str) -> list[str]:
         rows = results["perplexity"]
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([r["length"] for r in rows], [r["ppl"] for r in rows], marker="o")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        _length_axes(ax, [r["length"] for r in rows], log_y=True)
         ax.set_xlabel("window length (tokens)")
         ax.set_ylabel("perplexity")
         ax.set_title(f"{results['name']}: perplexity vs context length")
@@ -266,10 +278,8 @@ def compare_runs(workdirs: Sequence[str], out_dir: str) -> list[str]:
             xs = sorted(values)
             ax.plot(xs, [values[x] for x in xs], marker="o", label=name)
         lines.append("")
-        ax.set_xscale("log", base=2)
-        if metric == "ppl":
-            ax.set_yscale("log")
-        else:
+        _length_axes(ax, lengths, log_y=metric == "ppl")
+        if metric != "ppl":
             ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(label)
