@@ -132,7 +132,8 @@ def evaluate(
     model_cfg, overrides = effective_model(saved, config.model)
     trained_length = int(saved["max_position_embeddings"])
     if options is None:
-        options = EvalOptions(lengths=tuple(trained_length * f for f in (1, 2, 4, 8)))
+        lengths = tuple(trained_length * f for f in (1, 2, 4, 8))
+        options = EvalOptions(lengths=lengths, ppl_tokens=max(32768, 4 * lengths[-1] + 1))
 
     # Validate the run config as it will be used: the checkpoint's model, the config's data.
     effective = ml_collections.ConfigDict(config.to_dict())
