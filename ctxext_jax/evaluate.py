@@ -7,8 +7,9 @@
         --workdir runs/tiny-as-yarn        # the base model evaluated under the YaRN positions
     python -m ctxext_jax.evaluate --workdir runs/cmp --compare runs/tiny runs/tiny-4x
 
-The checkpoint (a run's workdir or step folder, or a Hugging Face folder once `ctxext_jax.hf`
-is present) supplies the architecture. The config supplies the data and tokenizer, and its
+The checkpoint (a run's workdir or step folder, or a Hugging Face folder: config.json +
+safetensors, read by `ctxext_jax.hf`) supplies the architecture; for an HF folder the tokenizer
+is the folder's own unless data.tokenizer is set. The config supplies the data, and its
 positional fields (rope, local_rope, max_position_embeddings, window, chunk, sinks,
 attention_impl) replace the checkpoint's wherever the config sets them to something other
 than the schema default: one trained model can be evaluated under PI, YaRN, etc.
