@@ -1,29 +1,16 @@
-"""Hugging Face checkpoints in and out: Llama, Mistral, Qwen2 and Qwen3 model folders.
-
-    from ctxext_jax import hf
-    model = hf.from_pretrained("path/to/hf_model")      # config.json + *.safetensors
-    logits = model(tokens)                              # int32 [B, T] -> float32 [B, T, V]
-    hf.save_pretrained(model.params, model.config, "out")   # AutoModelForCausalLM loads it
+"""Hugging Face folders in: config.json -> ModelConfig, safetensors -> our parameter tree.
 
 Reading needs no torch: the safetensors header is parsed here and every tensor is a lazy
 `np.memmap` view (bfloat16 and float8 included, which safetensors' numpy API cannot return).
 Each device reads only its own slice of each tensor (`jax.make_array_from_callback`), so a model
-larger than one host copy loads straight onto its sharding.
-
-Layer i of the HF model is block i % P at repeat i // P of our stack (P = len(layer_pattern)
-with scan_layers, else P = n_layers and no repeat axis). Weight layouts, HF -> ours:
-  q/k/v_proj.weight [N*D, E] -> [E, N, D]    o_proj.weight [E, H*D] -> [H, D, E]
-  q/k/v_proj.bias   [N*D]    -> [N, D]       gate/up/down_proj.weight [out, in] -> [in, out]
-  lm_head.weight    [V, E]   -> head [E, V]  norms, embed_tokens: as they are
+larger than one host copy loads straight onto its sharding. Tensor names and layouts: layout.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import shutil
 import struct
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -35,32 +22,24 @@ import ml_dtypes
 import numpy as np
 
 from ctxext_jax import sharding
-from ctxext_jax.data.tokenizer import make_tokenizer
+from ctxext_jax.hf.layout import (
+    ARCHITECTURES,
+    HF_ROPE_TYPES,
+    get_path,
+    hf_shape,
+    leaf_plan,
+    set_path,
+    to_ours,
+)
 from ctxext_jax.model import ModelConfig
 from ctxext_jax.positions.rope import parse_rope, rope_from_hf_config
 
-ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-}
-# rope_type values transformers' modelling code computes (ROPE_INIT_FUNCTIONS plus default).
-HF_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "generation_config.json",
-)
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
     "BOOL": np.bool_,
 }  # fmt: skip
-TORCH_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 # ------------------------------------------------------------------------------------ config
@@ -193,165 +172,6 @@ def config_from_hf(
     return ModelConfig.from_config(ml_collections.ConfigDict(fields))
 
 
-def default_architecture(cfg: ModelConfig) -> str:
-    if cfg.qk_norm:
-        return "Qwen3ForCausalLM"
-    if cfg.attention_bias:
-        return "Qwen2ForCausalLM"
-    return "MistralForCausalLM" if set(cfg.layer_pattern) == {"L"} else "LlamaForCausalLM"
-
-
-def config_to_hf(
-    cfg: ModelConfig,
-    *,
-    architecture: str | None = None,
-    torch_dtype: str = "float32",
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """ModelConfig -> config.json dict of transformers 5 (`rope_parameters` with rope_theta).
-    `extra` adds fields such as bos/eos_token_id. Refuses what the architecture cannot express."""
-    arch = architecture or default_architecture(cfg)
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"architecture={arch!r} is not one of {sorted(ARCHITECTURES)}.")
-    family = ARCHITECTURES[arch]
-
-    def refuse(key: str, why: str):
-        raise ValueError(f"model.{key}: {why}; {arch} cannot represent it, so no export.")
-
-    if cfg.alibi:
-        refuse("alibi", "ALiBi replaces RoPE")
-    if cfg.sinks:
-        refuse("sinks", f"attention sinks ({cfg.sinks}) on local layers")
-    if "C" in cfg.layer_pattern:
-        refuse("layer_pattern", f"chunked (C) layers in {cfg.layer_pattern!r}")
-    if cfg.local_rope and cfg.rope_for("local") != cfg.rope_for("global"):
-        refuse("local_rope", "a separate rope for local layers")
-    if torch_dtype not in TORCH_DTYPES:
-        raise ValueError(f"torch_dtype={torch_dtype!r}: choose one of {sorted(TORCH_DTYPES)}.")
-    rope = parse_rope(cfg.rope_for("global"), key="model.rope", head_dim=cfg.head_dim).to_hf()
-    if rope["rope_type"] not in HF_ROPE_TYPES:
-        refuse("rope", f"rope_type {rope['rope_type']!r} is not one of {HF_ROPE_TYPES}")
-    if rope.pop("partial_rotary_factor", 1.0) != 1.0:
-        refuse("rope", "partial_rotary_factor != 1")
-    if cfg.attention_bias != (family == "qwen2"):
-        refuse("attention_bias", f"{cfg.attention_bias} (only Qwen2 has q/k/v biases)")
-    if cfg.qk_norm != (family == "qwen3"):
-        refuse("qk_norm", f"{cfg.qk_norm} (only Qwen3 normalises q and k)")
-    kinds = cfg.layer_kinds
-    out: dict[str, Any] = {
-        "architectures": [arch], "model_type": family, "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_eps,
-        "tie_word_embeddings": cfg.tie_embeddings, "rope_parameters": rope,
-        "attention_dropout": 0.0, "initializer_range": cfg.init_std, "use_cache": True,
-        "dtype": torch_dtype,
-    }  # fmt: skip
-    if family in ("llama", "qwen3"):
-        out["attention_bias"] = False
-    if family == "llama":
-        out["mlp_bias"] = False
-        if "local" in kinds:
-            refuse("layer_pattern", f"sliding-window layers ({cfg.layer_pattern!r})")
-    elif family == "mistral":
-        if len(set(kinds)) > 1:
-            refuse("layer_pattern", f"a mix of global and sliding layers ({cfg.layer_pattern!r})")
-        out["sliding_window"] = cfg.window if kinds[0] == "local" else None
-    else:
-        types = ["sliding_attention" if k == "local" else "full_attention" for k in kinds]
-        sliding = "sliding_attention" in types
-        full_prefix = next((i for i, t in enumerate(types) if t == "sliding_attention"), len(types))
-        out.update(
-            use_sliding_window=sliding,
-            sliding_window=cfg.window if sliding else None,
-            max_window_layers=full_prefix,
-            layer_types=types,
-        )
-    out.update(extra or {})
-    return out
-
-
-# ------------------------------------------------------------------------------ tensor names
-# Our path inside a block -> (HF name after "model.layers.{i}.", layout kind).
-_BLOCK = {
-    ("attn", "wq"): ("self_attn.q_proj.weight", "in_heads"),
-    ("attn", "wk"): ("self_attn.k_proj.weight", "in_heads"),
-    ("attn", "wv"): ("self_attn.v_proj.weight", "in_heads"),
-    ("attn", "wo"): ("self_attn.o_proj.weight", "out_heads"),
-    ("attn", "bq"): ("self_attn.q_proj.bias", "bias"),
-    ("attn", "bk"): ("self_attn.k_proj.bias", "bias"),
-    ("attn", "bv"): ("self_attn.v_proj.bias", "bias"),
-    ("attn", "q_norm", "scale"): ("self_attn.q_norm.weight", "same"),
-    ("attn", "k_norm", "scale"): ("self_attn.k_norm.weight", "same"),
-    ("attn_norm", "scale"): ("input_layernorm.weight", "same"),
-    ("mlp_norm", "scale"): ("post_attention_layernorm.weight", "same"),
-    ("mlp", "w_gate"): ("mlp.gate_proj.weight", "transpose"),
-    ("mlp", "w_up"): ("mlp.up_proj.weight", "transpose"),
-    ("mlp", "w_down"): ("mlp.down_proj.weight", "transpose"),
-}
-_TOP = {
-    ("embed",): ("model.embed_tokens.weight", "same"),
-    ("final_norm", "scale"): ("model.norm.weight", "same"),
-    ("head",): ("lm_head.weight", "transpose"),
-}
-
-
-def _to_ours(kind: str, hf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """A view of one HF tensor in our layout `shape` (no copy: reshapes and transposes)."""
-    if kind == "in_heads":  # [N*D, E] -> [E, N, D]
-        E, N, D = shape
-        return hf.reshape(N, D, E).transpose(2, 0, 1)
-    if kind == "out_heads":  # [E, H*D] -> [H, D, E]
-        H, D, E = shape
-        return hf.reshape(E, H, D).transpose(1, 2, 0)
-    if kind == "bias":
-        return hf.reshape(shape)
-    return hf.T if kind == "transpose" else hf
-
-
-def _to_hf(kind: str, ours: np.ndarray) -> np.ndarray:
-    if kind == "in_heads":
-        return ours.reshape(ours.shape[0], -1).T
-    if kind == "out_heads":
-        return ours.reshape(-1, ours.shape[-1]).T
-    if kind == "bias":
-        return ours.reshape(-1)
-    return ours.T if kind == "transpose" else ours
-
-
-def _hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return _to_hf(kind, np.broadcast_to(np.zeros((), np.float32), shape)).shape
-
-
-@dataclasses.dataclass(frozen=True)
-class _Leaf:
-    """Where one of our parameters lives in the HF checkpoint: one name per stacked repeat."""
-
-    names: tuple[str, ...]
-    kind: str
-    stacked: bool
-
-
-def _plan(params: Any) -> dict[tuple, _Leaf]:
-    """Our parameter tree (arrays or ShapeDtypeStructs) -> {path: _Leaf} for every leaf."""
-    blocks = params["layers"]["blocks"]
-    stacked = blocks[0]["attn_norm"]["scale"].ndim == 2
-    P = len(blocks)
-    repeats = blocks[0]["attn_norm"]["scale"].shape[0] if stacked else 1
-    plan = {}
-    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-        keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
-        if keys[:2] == ("layers", "blocks"):
-            name, kind = _BLOCK[keys[3:]]
-            layers = [r * P + keys[2] for r in range(repeats)]
-            plan[keys] = _Leaf(tuple(f"model.layers.{i}.{name}" for i in layers), kind, stacked)
-        else:
-            name, kind = _TOP[keys]
-            plan[keys] = _Leaf((name,), kind, False)
-    return plan
-
-
 # --------------------------------------------------------------------------------- reading
 class SafetensorsFolder:
     """Every tensor of a folder's *.safetensors files (sharded with an index, or not), as lazy
@@ -415,13 +235,13 @@ def load_params(path: str, abstract_params: Any) -> Any:
     reader = SafetensorsFolder(path)
     rename = _prefixed(reader)
     cfg_json = read_config(path)
-    plan = _plan(abstract_params)
+    plan = leaf_plan(abstract_params)
     used = set()
     out = {}
     for keys, leaf in plan.items():
-        target = _get(abstract_params, keys)
+        target = get_path(abstract_params, keys)
         layer_shape = target.shape[1:] if leaf.stacked else target.shape
-        expected = _hf_shape(leaf.kind, layer_shape)
+        expected = hf_shape(leaf.kind, layer_shape)
         views = []
         for name in leaf.names:
             stored = rename(name)
@@ -438,8 +258,8 @@ def load_params(path: str, abstract_params: Any) -> Any:
                     f"{list(target.shape)}); config.json and the weights disagree."
                 )
             used.add(stored)
-            views.append(_to_ours(leaf.kind, reader.array(stored), layer_shape))
-        _set(out, keys, _place(views, leaf.stacked, target))
+            views.append(to_ours(leaf.kind, reader.array(stored), layer_shape))
+        set_path(out, keys, _place(views, leaf.stacked, target))
     ignorable = {rename("lm_head.weight")} if "head" not in abstract_params else set()
     unused = sorted(
         n for n in set(reader.entries) - used - ignorable if not n.endswith("rotary_emb.inv_freq")
@@ -465,18 +285,6 @@ def _place(views: list[np.ndarray], stacked: bool, target) -> jax.Array:
     if target_sharding is None:
         return jax.device_put(read(tuple(slice(None) for _ in target.shape)))
     return jax.make_array_from_callback(target.shape, target_sharding, read)
-
-
-def _get(tree, keys):
-    for k in keys:
-        tree = tree[k]
-    return tree
-
-
-def _set(tree: dict, keys: tuple, value) -> None:
-    for k in keys[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[keys[-1]] = value
 
 
 # --------------------------------------------------------------------------------- model
@@ -524,122 +332,6 @@ def from_pretrained(
             return apply(params, tokens)
 
     return HFModel(config=cfg, params=params, apply=apply, forward=jax.jit(forward))
-
-
-# --------------------------------------------------------------------------------- export
-def _host(x) -> np.ndarray:
-    """A (possibly multi-host sharded) array -> the whole numpy array on this host."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
-def save_pretrained(
-    params: Any,
-    model_cfg: ModelConfig,
-    out_dir: str,
-    *,
-    architecture: str | None = None,
-    torch_dtype: str = "float32",
-    extra_config: Mapping[str, Any] | None = None,
-    tokenizer_from: str | None = None,
-    max_shard_bytes: int = 4 << 30,
-) -> str:
-    """Writes config.json and model.safetensors (or shards + index) that transformers'
-    AutoModelForCausalLM loads; copies tokenizer files from the `tokenizer_from` folder.
-    Memory holds one shard at a time. Returns out_dir."""
-    hf_config = config_to_hf(
-        model_cfg, architecture=architecture, torch_dtype=torch_dtype, extra=extra_config
-    )
-    np_dtype = TORCH_DTYPES[torch_dtype]
-    plan = _plan(params)
-    names = {}  # HF name -> (our path, repeat index or None, kind)
-    for keys, leaf in plan.items():
-        for r, name in enumerate(leaf.names):
-            names[name] = (keys, r if leaf.stacked else None, leaf.kind)
-    sizes = {
-        n: math.prod(_get(params, k).shape[1:] if r is not None else _get(params, k).shape)
-        * np.dtype(np_dtype).itemsize
-        for n, (k, r, _) in names.items()
-    }
-    shards, current, total = [], [], 0
-    for name in names:  # leaf order: each stacked leaf is fetched to the host once
-        if current and total + sizes[name] > max_shard_bytes:
-            shards.append(current)
-            current, total = [], 0
-        current.append(name)
-        total += sizes[name]
-    shards.append(current)
-    if tokenizer_from is not None:
-        check_tokenizer(tokenizer_spec(tokenizer_from), model_cfg.vocab_size)
-    if jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(hf_config, f, indent=2, sort_keys=True)
-    from safetensors.numpy import save_file
-
-    files = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    hosted: dict[tuple, np.ndarray] = {}
-    for file, shard in zip(files, shards, strict=True):
-        tensors = {}
-        for name in shard:
-            keys, r, kind = names[name]
-            if keys not in hosted:  # one stacked leaf feeds several shards' layers
-                hosted = {keys: _host(_get(params, keys))}
-            value = hosted[keys] if r is None else hosted[keys][r]
-            tensors[name] = np.ascontiguousarray(_to_hf(kind, value).astype(np_dtype))
-        if jax.process_index() == 0:
-            save_file(tensors, os.path.join(out_dir, file), metadata={"format": "pt"})
-    if jax.process_index() == 0:
-        if len(files) > 1:
-            index = {
-                "metadata": {"total_size": sum(sizes.values())},
-                "weight_map": {n: files[i] for i, shard in enumerate(shards) for n in shard},
-            }
-            with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-                json.dump(index, f, indent=2, sort_keys=True)
-        if tokenizer_from is not None:
-            copy_tokenizer(tokenizer_from, out_dir)
-    return out_dir
-
-
-# ------------------------------------------------------------------------------ tokenizer
-def tokenizer_spec(folder: str) -> str:
-    """ "hf:<folder>" (tokenizer.json) or "sentencepiece:<folder>/tokenizer.model"."""
-    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        return f"hf:{folder}"
-    if os.path.isfile(os.path.join(folder, "tokenizer.model")):
-        return f"sentencepiece:{os.path.join(folder, 'tokenizer.model')}"
-    raise ValueError(
-        f"{folder} has neither tokenizer.json nor tokenizer.model; copy the model's tokenizer "
-        "files into it or set data.tokenizer explicitly."
-    )
-
-
-def check_tokenizer(spec: str, vocab_size: int) -> None:
-    """Raises if the tokenizer can emit ids the embedding table does not have."""
-    tokenizer = make_tokenizer(spec)
-    if tokenizer.vocab_size > vocab_size:
-        raise ValueError(
-            f"tokenizer {spec} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-            f"{vocab_size}: ids >= {vocab_size} have no embedding; use the model's own tokenizer."
-        )
-
-
-def copy_tokenizer(src: str, out_dir: str) -> list[str]:
-    """Copies the tokenizer files `src` has (and generation_config.json); returns their names."""
-    copied = []
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(src, name)):
-            shutil.copy(os.path.join(src, name), os.path.join(out_dir, name))
-            copied.append(name)
-    return copied
 
 
 def model_json(path: str) -> dict[str, Any]:
