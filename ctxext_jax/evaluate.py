@@ -215,7 +215,7 @@ def define_flags() -> None:
         "blockwise_above", 2048, "attention_impl=xla switches to blockwise for longer windows."
     )
     flags.DEFINE_integer("seed", 0, "Seed of passkeys, needles and haystack offsets.")
-    flags.DEFINE_list("compare", None, "Eval workdirs to put in one table and plots.")
+    flags.DEFINE_list("compare", None, "Eval workdirs (W1,W2 or W1 W2) for one table and plots.")
 
 
 def _options() -> EvalOptions | None:
@@ -245,15 +245,16 @@ def _options() -> EvalOptions | None:
 
 
 def main(argv):
-    del argv
-    f = flags.FLAGS
+    f, extra = flags.FLAGS, argv[1:]  # `--compare W1 W2 W3` leaves W2 W3 as arguments
     if not f["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax / TFDS info lines drown the progress line
     try:
         if not f.workdir:
             raise ValueError("--workdir is required (results go to WORKDIR/eval).")
+        if extra and not f.compare:
+            raise ValueError(f"unexpected arguments {extra}; only --compare takes several.")
         if f.compare:
-            written = compare_runs(f.compare, os.path.join(f.workdir, "eval"))
+            written = compare_runs(f.compare + extra, os.path.join(f.workdir, "eval"))
         else:
             if f.config is None or not f.checkpoint:
                 raise ValueError("--config and --checkpoint are required (or give --compare).")

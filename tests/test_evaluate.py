@@ -90,8 +90,8 @@ def test_cli_yarn_override_and_compare(trained, tmp_path):
     assert saved["overrides"]["rope"]["rope_type"] == "yarn"
     assert saved["positions"]["max_position_embeddings"] == 1024
     cmp = str(tmp_path / "cmp")
-    cmd = [sys.executable, "-m", "ctxext_jax.evaluate", "--workdir", cmp, "--compare",
-           f"{base},{yarn}"]  # fmt: skip
+    cmd = [sys.executable, "-m", "ctxext_jax.evaluate", "--workdir", cmp, "--compare", base]
+    cmd.append(yarn)  # space-separated, as `--compare W1 W2` is typed
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     for name in ("compare_ppl.png", "compare_passkey.png"):
