@@ -5,7 +5,9 @@
       --config.checkpoint.init_from=runs/tiny
 
 `extend` continues pretraining the base model at 4x its sequence length with YaRN (factor 4,
-original length = the base run's), the context-extension recipe of the YaRN paper.
+original length = the base run's), the context-extension recipe of the YaRN paper;
+`extend_pi` does the same with Position Interpolation; `test` is what the test suite trains.
+The base run also logs a cheap long-context check (perplexity at 2x/4x, passkey) at its end.
 """
 
 from ctxext_jax.config import defaults
@@ -23,29 +25,32 @@ def get_config(arg: str = "base"):
     c.train.update(steps=300, batch_size=16, log_every=10)
     c.optim.update(lr=3e-3, warmup_steps=30)
     c.checkpoint.update(every=100, keep=2)
-    c.eval.update(every=100, batches=8, batch_size=16)
-    if arg == "extend":
+    c.eval.update(every=100, batches=8, batch_size=16, every_long=300, long_lengths=(512, 1024))
+    if arg in ("extend", "extend_pi"):
         factor = 4
         c.data.seq_len = factor * BASE_LEN
         c.model.max_position_embeddings = factor * BASE_LEN
-        c.model.rope = {
-            "rope_type": "yarn",
-            "rope_theta": 10000.0,
-            "factor": float(factor),
-            "original_max_position_embeddings": BASE_LEN,
-        }
+        if arg == "extend":
+            c.model.rope = {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": float(factor),
+                "original_max_position_embeddings": BASE_LEN,
+            }
+        else:  # Position Interpolation, for comparing recipes on the same base model
+            c.model.rope = {"rope_type": "linear", "rope_theta": 10000.0, "factor": float(factor)}
         c.train.update(steps=100, batch_size=8)
         c.optim.update(lr=1e-3, warmup_steps=10)
-        c.eval.update(every=50, batch_size=8)
+        c.eval.update(every=50, batch_size=8, long_lengths=(2048, 4096))
     elif arg == "test":  # seconds per step on CPU: what the test suite trains
         c.model.update(d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=128)
         c.model.max_position_embeddings = c.data.seq_len = 64
         c.train.update(steps=8, batch_size=8, log_every=1)
         c.optim.update(warmup_steps=2)
         c.checkpoint.update(every=4)
-        c.eval.update(every=4, batches=2, batch_size=8)
+        c.eval.update(every=4, batches=2, batch_size=8, every_long=0)
     elif arg != "base":
         raise ValueError(
-            f"configs/tiny.py: unknown variant {arg!r}; use 'base', 'extend' or 'test'."
+            f"configs/tiny.py: unknown variant {arg!r}; use base, extend, extend_pi or test."
         )
     return c

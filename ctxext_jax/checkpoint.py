@@ -108,10 +108,13 @@ class Checkpointer:
 
     def __init__(self, workdir: str, *, every: int, keep: int):
         self.directory = epath.Path(os.path.abspath(workdir)) / "checkpoints"
-        self.every = every
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            # Orbax decides when to save: every `every` steps, and at a preemption sync point
+            # (a SIGTERM on a Cloud TPU pod), after which the trainer stops.
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, save_interval_steps=every, create=True
+            ),
             item_names=ITEMS,
             item_handlers={
                 "params": ocp.StandardCheckpointHandler(),
@@ -126,10 +129,9 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: dict, data_iterator, *, config_json, model_json, force=False):
-        """Saves if `step` is a multiple of `every` (or `force`); asynchronous for arrays."""
-        if not force and step % self.every:
-            return
-        if step in self.manager.all_steps():
+        """Saves when Orbax's policy says so (interval, preemption) or `force`; arrays are
+        written asynchronously while training goes on."""
+        if step in self.manager.all_steps() or not (force or self.manager.should_save(step)):
             return
         self.manager.save(
             step,
@@ -144,6 +146,10 @@ class Checkpointer:
             ),
             force=True,
         )
+
+    def reached_preemption(self, step: int) -> bool:
+        """True once every host has reached the sync point after a preemption notice."""
+        return self.manager.reached_preemption(step)
 
     def restore(self, abstract_state: dict, data_iterator, step: int | None = None):
         """-> (state, data_iterator) at `step` (default latest), placed like `abstract_state`."""

@@ -96,6 +96,9 @@ def defaults() -> ml_collections.ConfigDict:
         every=100,
         batches=8,
         batch_size=16,
+        every_long=0,  # > 0: a cheap long-context subset (perplexity, passkey) every N steps
+        long_lengths=(),  # its window lengths; empty: 2x and 4x data.seq_len
+        long_passkey_trials=2,
     )
     return ml_collections.ConfigDict(c)
 
@@ -266,6 +269,8 @@ def _validate_mesh(config, num_devices: int, process_count: int) -> None:
             "train.batch_size",
             f"per-step batch {micro_batch} must split over {process_count} hosts.",
         )
+    if config.eval.every_long < 0 or any(n <= 0 for n in config.eval.long_lengths):
+        _fail("eval.every_long", "every_long must be >= 0 and long_lengths positive integers.")
     if config.eval.batch_size % math.prod(
         sizes[a] for a in dict(mesh_config.rules).get("batch", ())
     ):

@@ -26,6 +26,7 @@ from ml_collections import config_flags
 
 from ctxext_jax import checkpoint, data, hf, sharding
 from ctxext_jax.config import ConfigError, validate
+from ctxext_jax.evals import long_eval_subset
 from ctxext_jax.metrics import MetricsWriter, Progress, peak_flops_per_device, perplexity
 from ctxext_jax.model import Decoder, ModelConfig, flops_per_token, param_axes, param_count
 from ctxext_jax.optim import OptimConfig, learning_rate_schedule, make_optimizer
@@ -151,6 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ----------------------------------------------------------------------- data
     data_cfg = data.DataConfig.from_config(config.data)
+    tokenizer = data.make_tokenizer(data_cfg.tokenizer)
     train_iter = data.train_iterator(
         data_cfg, global_batch_size=t.batch_size, seq_len=seq_len, seed=config.data.seed,
         shard_index=jax.process_index(), shard_count=jax.process_count(),
@@ -196,12 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"({peak_source})",
             flush=True,
         )
-    progress, last_time, last_step, window_tokens = (
-        Progress(t.steps, start_step),
-        None,
-        start_step,
-        0.0,
-    )
+    progress, last_time, last_step = Progress(t.steps, start_step), None, start_step
     final: dict[str, float] = {}
     for step in range(start_step + 1, t.steps + 1):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -210,7 +207,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if last_time is None:  # the first step compiles; time from its end
             jax.block_until_ready(metrics)
             last_time, last_step = time.perf_counter(), step
-        window_tokens += t.batch_size * seq_len
         if step % t.log_every == 0 or step == t.steps:
             metrics = jax.device_get(metrics)
             elapsed = time.perf_counter() - last_time
@@ -229,9 +225,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             print(f"eval step {step}: loss {eval_metrics['eval_loss']:.4f} | "
                   f"perplexity {eval_metrics['eval_perplexity']:.3f}", flush=True)  # fmt: skip
             final.update(eval_metrics)
-            last_time = time.perf_counter()
+            last_time, last_step = time.perf_counter(), step
+        if config.eval.every_long and (step % config.eval.every_long == 0 or step == t.steps):
+            long_metrics = long_eval_subset(
+                program.apply, state["params"], tokenizer=tokenizer, data_cfg=data_cfg,
+                lengths=list(config.eval.long_lengths) or [2 * seq_len, 4 * seq_len],
+                passkey_trials=config.eval.long_passkey_trials, seed=t.seed,
+                batch_sharding=program.batch_sharding,
+            )  # fmt: skip
+            writer.write(step, long_metrics)
+            listing = " | ".join(f"{k} {v:.3f}" for k, v in long_metrics.items())
+            print(f"long eval step {step}: {listing}", flush=True)
+            final.update(long_metrics)
+            last_time, last_step = time.perf_counter(), step
         ckpt.save(step, state, train_iter, config_json=config.to_json_best_effort(),
                   model_json=model_json, force=step == t.steps)  # fmt: skip
+        if ckpt.reached_preemption(step):
+            print(f"preempted: saved step {step}; rerun the same command to resume", flush=True)
+            break
     ckpt.close()
     writer.close()
     return final

@@ -8,6 +8,7 @@ import pytest
 
 from configs import tiny
 from ctxext_jax import sharding
+from ctxext_jax.config import validate
 from ctxext_jax.metrics import read_metrics
 from ctxext_jax.model import ModelConfig
 from ctxext_jax.optim import OptimConfig
@@ -40,6 +41,7 @@ def _random_batch(rng, batch, seq_len, vocab):
 
 def _run(config, mesh_shape, batches, devices):
     config.mesh.shape.update(mesh_shape)
+    validate(config, num_devices=len(devices))
     mesh_cfg = sharding.MeshConfig.from_config(config.mesh)
     mesh = sharding.make_mesh(mesh_cfg, devices)
     program = build_program(
@@ -83,10 +85,10 @@ def single_device_run(step_config, step_batches):
     [
         {"data": 8, "fsdp": 1, "tensor": 1},
         {"data": 1, "fsdp": 8, "tensor": 1},
-        {"data": 1, "fsdp": 2, "tensor": 4},
+        {"data": 1, "fsdp": 4, "tensor": 2},
         {"data": 2, "fsdp": 2, "tensor": 2},
     ],
-    ids=["data8", "fsdp8", "fsdp2-tensor4", "data2-fsdp2-tensor2"],
+    ids=["data8", "fsdp8", "fsdp4-tensor2", "data2-fsdp2-tensor2"],
 )
 def test_sharded_step_equals_single_device(step_config, step_batches, single_device_run,
                                            mesh_shape):  # fmt: skip
@@ -160,7 +162,9 @@ def test_init_from_changes_length_and_rope(straight_run, tmp_path):
     config.model.rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                          "original_max_position_embeddings": 64}  # fmt: skip
     config.checkpoint.init_from = straight_run[0]
-    train_and_evaluate(config, str(tmp_path))
+    config.eval.update(every_long=1, long_lengths=(512,), long_passkey_trials=1)
+    final = train_and_evaluate(config, str(tmp_path))
+    assert {"ppl_len_512", "passkey_acc_len_512"} <= set(final)  # the long-context check ran
     first = read_metrics(str(tmp_path))[0]
     assert first["step"] == 1
     fresh_first = read_metrics(straight_run[0])[0]["loss"]
