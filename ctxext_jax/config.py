@@ -7,8 +7,11 @@ is built, and the trainer hands small frozen dataclasses to the model, data and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
+from collections.abc import Iterator
 
 import ml_collections
 
@@ -20,6 +23,19 @@ from ctxext_jax.positions.rope import validate_rope
 
 class ConfigError(ValueError):
     """A config mistake; the message names the key and the fix."""
+
+
+@contextlib.contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """For command-line mains: a config, data or checkpoint mistake (ValueError, missing file)
+    prints `error: <message>` alone and exits 2; CTXEXT_TRACEBACK=1 shows the traceback."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as e:
+        if os.environ.get("CTXEXT_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def defaults() -> ml_collections.ConfigDict:

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from ctxext_jax import checkpoint, hf, sharding
+from ctxext_jax.config import exit_on_user_error
 from ctxext_jax.model import ModelConfig
 
 # config.json fields carried from the source into an export (they change no weights).
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--torch_dtype", default="float32", choices=sorted(hf.TORCH_DTYPES))
     args = parser.parse_args(argv)
-    try:
+    with exit_on_user_error():
         if args.from_hf:
             if not args.to:
                 raise ValueError("--from_hf needs --to CKPT (the checkpoint folder to write).")
@@ -180,11 +181,6 @@ def main(argv: list[str] | None = None) -> int:
                 torch_dtype=args.torch_dtype,
             )
             print(f"wrote Hugging Face model {out}")
-    except (FileNotFoundError, ValueError) as e:
-        if os.environ.get("CTXEXT_TRACEBACK"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 
 import jax
 import ml_collections
@@ -29,7 +28,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from ctxext_jax import checkpoint, data, sharding
-from ctxext_jax.config import ConfigError, defaults, validate
+from ctxext_jax.config import defaults, exit_on_user_error, validate
 from ctxext_jax.evals.report import compare_runs, write_report
 from ctxext_jax.evals.retrieval import VARIANTS
 from ctxext_jax.evals.scoring import make_scorer
@@ -248,7 +247,7 @@ def main(argv):
     f, extra = flags.FLAGS, argv[1:]  # `--compare W1 W2 W3` leaves W2 W3 as arguments
     if not f["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax / TFDS info lines drown the progress line
-    try:
+    with exit_on_user_error():
         if not f.workdir:
             raise ValueError("--workdir is required (results go to WORKDIR/eval).")
         if extra and not f.compare:
@@ -268,11 +267,6 @@ def main(argv):
             )
             written = ["report.md", "results.json", "*.png"]
         print(f"wrote {', '.join(written)} to {os.path.join(f.workdir, 'eval')}", flush=True)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        if os.environ.get("CTXEXT_TRACEBACK"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

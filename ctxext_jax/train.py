@@ -10,7 +10,6 @@ Restarting the same command resumes from the latest checkpoint in `workdir`.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -25,7 +24,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from ctxext_jax import checkpoint, data, hf, sharding
-from ctxext_jax.config import ConfigError, validate
+from ctxext_jax.config import exit_on_user_error, validate
 from ctxext_jax.evals import long_eval_subset
 from ctxext_jax.metrics import MetricsWriter, Progress, peak_flops_per_device, perplexity
 from ctxext_jax.model import Decoder, ModelConfig, flops_per_token, param_axes, param_count
@@ -285,14 +284,8 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     initialize_distributed()
-    try:
+    with exit_on_user_error():
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        # Config, data and checkpoint mistakes carry their own fix; no traceback for those.
-        if os.environ.get("CTXEXT_TRACEBACK"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
