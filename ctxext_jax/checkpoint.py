@@ -31,7 +31,7 @@ def _step_dirs(directory: epath.Path) -> list[epath.Path]:
 def resolve_init_from(path: str) -> epath.Path:
     """A run's workdir, its `checkpoints/` dir or one step dir -> the step dir to load weights
     from (the latest finished step). Raises FileNotFoundError / ValueError saying what to give."""
-    root = epath.Path(os.path.expanduser(path))
+    root = epath.Path(os.path.abspath(os.path.expanduser(path)))
     if not root.exists():
         raise FileNotFoundError(
             f"{path} does not exist; give a training run's workdir (e.g. runs/tiny), its "

@@ -1,5 +1,6 @@
 """The training backbone: sharded steps equal single-device ones, exact resume, loss goes down."""
 
+import os
 from pathlib import Path
 
 import jax
@@ -161,7 +162,7 @@ def test_init_from_changes_length_and_rope(straight_run, tmp_path):
     config.data.seq_len = config.model.max_position_embeddings = 256
     config.model.rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                          "original_max_position_embeddings": 64}  # fmt: skip
-    config.checkpoint.init_from = straight_run[0]
+    config.checkpoint.init_from = os.path.relpath(straight_run[0])  # as typed on a command line
     config.eval.update(every_long=1, long_lengths=(512,), long_passkey_trials=1)
     final = train_and_evaluate(config, str(tmp_path))
     assert {"ppl_len_512", "passkey_acc_len_512"} <= set(final)  # the long-context check ran
