@@ -261,7 +261,10 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        # Gather from the vocab-sharded table with its embed dim whole (FSDP gathers every
+        # weight anyway): the lookup then shards like the tokens, with no resharding.
+        table = constrain(self.embed[...], ("vocab", None))
+        x = jnp.take(table, tokens, axis=0).astype(dtype)
         x = constrain(x, ("batch", "length", "activation_embed"))
         x = self._run_layers(x, positions, segment_ids)
         x = self.final_norm(x)
