@@ -28,7 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--impls", default=None, help="comma-separated; default: all for the platform")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8, help="query heads H")
-    p.add_argument("--kv-heads", type=int, default=2, help="key/value heads K (H % K == 0)")
+    p.add_argument("--kv-heads", type=int, default=2, help="key/value heads K (H %% K == 0)")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--window", type=int, default=None, help="sliding window w")
