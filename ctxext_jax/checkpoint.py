@@ -37,6 +37,11 @@ def resolve_init_from(path: str) -> epath.Path:
             f"{path} does not exist; give a training run's workdir (e.g. runs/tiny), its "
             "checkpoints/ folder or one step folder inside it."
         )
+    if not root.is_dir():
+        raise ValueError(
+            f"{path} is a file; give a training run's workdir, its checkpoints/ folder or one "
+            "step folder inside it."
+        )
     if (root / "checkpoints").is_dir():
         root = root / "checkpoints"
     if (root / "params").is_dir():

@@ -41,6 +41,7 @@ BAD = [
     ("train.grad_accum", {"train.grad_accum": 3}, "micro-steps"),
     ("checkpoint.init_from", {"checkpoint.init_from": "/nonexistent/run"}, "does not exist"),
     ("data.tokenizer", {"data.tokenizer": "sentencepiece:/nonexistent.model"}, "nonexistent"),
+    ("checkpoint.init_from", {"checkpoint.init_from": os.path.abspath(__file__)}, "is a file"),
 ]
 
 
