@@ -1,13 +1,15 @@
 """A 1B (0.97B) Llama-3.2-shaped decoder for GPUs and TPU pods; `:cpu` runs the recipe on CPU.
 
-  python -m ctxext_jax.train --config configs/llama_1b.py --workdir gs://bucket/llama1b
-  python -m ctxext_jax.train --config configs/llama_1b.py:extend --workdir gs://bucket/llama1b-32k \
-      --config.checkpoint.init_from=gs://bucket/llama1b
+  python -m ctxext_jax.train --config configs/llama_1b.py --workdir /mnt/bucket/llama1b
+  python -m ctxext_jax.train --config configs/llama_1b.py:extend --workdir /mnt/bucket/llama1b-32k \
+      --config.checkpoint.init_from=/mnt/bucket/llama1b
   python -m ctxext_jax.train --config configs/llama_1b.py:cpu --workdir runs/llama1b-cpu
 
 `base` pretrains at 8k with Llama 3's rope; `extend` continues at 32k with YaRN x4 (the original
 length 8k), as Llama 3.1 / Qwen2.5 extend theirs. FSDP over every device, bf16 compute, full
 rematerialisation and the memory-efficient attention path keep a 32k sequence per device.
+The workdir must be a filesystem path every host sees (a shared disk, or a bucket mounted with
+gcsfuse): the trainer does not take gs:// URLs.
 """
 
 from ctxext_jax.config import defaults

@@ -136,11 +136,27 @@ def evaluate_loss(program: Program, params, data_cfg, eval_cfg, seq_len: int) ->
     return {"eval_loss": loss, "eval_perplexity": perplexity(loss), "eval_tokens": count}
 
 
+def make_workdir(workdir: str) -> None:
+    """Creates `workdir`, or raises ValueError saying why it cannot be one."""
+    if "://" in workdir:
+        # Metrics, TensorBoard and the checkpoint paths go through the local filesystem API.
+        raise ValueError(
+            f"--workdir {workdir}: URLs are not supported; mount the bucket (e.g. gcsfuse) or "
+            "use a shared filesystem path."
+        )
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir {workdir} is a file; give a directory (new or a run's).")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--workdir {workdir}: cannot create it ({e}).") from None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (or resumes) the run in `workdir`; returns the final metrics."""
     validate(config)
     t, seq_len = config.train, config.data.seq_len
-    os.makedirs(workdir, exist_ok=True)
+    make_workdir(workdir)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))

@@ -85,3 +85,13 @@ def test_cli_prints_only_the_message(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: model.n_heads: 4 query heads")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("name", ["a_file", "a_file/sub", "gs://bucket/run"])
+def test_unusable_workdir_is_one_error(tmp_path, name):
+    from ctxext_jax.train import train_and_evaluate
+
+    (tmp_path / "a_file").write_text("")
+    workdir = name if "://" in name else str(tmp_path / name)
+    with pytest.raises(ValueError, match="--workdir"):
+        train_and_evaluate(tiny.get_config("test"), workdir)
