@@ -8,6 +8,7 @@ is built, and the trainer hands small frozen dataclasses to the model, data and 
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 import os
 import sys
@@ -301,6 +302,11 @@ def _validate_data(config) -> None:
         _fail(
             "data.files", "dataset 'files' needs a glob of .txt / .jsonl files, e.g. 'docs/*.txt'."
         )
+    if d.dataset == "files" and not any(
+        p.endswith((".txt", ".jsonl")) and os.path.isfile(p)
+        for p in glob.iglob(os.path.expanduser(d.files), recursive=True)
+    ):
+        _fail("data.files", f"{d.files!r} matches no .txt or .jsonl file; fix the glob.")
     if d.data_dir and os.path.exists(d.data_dir) and not os.path.isdir(d.data_dir):
         _fail("data.data_dir", f"{d.data_dir} exists and is not a directory.")
     try:

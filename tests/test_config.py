@@ -42,6 +42,7 @@ BAD = [
     ("checkpoint.init_from", {"checkpoint.init_from": "/nonexistent/run"}, "does not exist"),
     ("data.tokenizer", {"data.tokenizer": "sentencepiece:/nonexistent.model"}, "nonexistent"),
     ("checkpoint.init_from", {"checkpoint.init_from": os.path.abspath(__file__)}, "is a file"),
+    ("data.files", {"data.dataset": "files", "data.files": "/nonexistent/*.txt"}, "matches no"),
 ]
 
 
