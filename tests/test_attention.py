@@ -170,7 +170,18 @@ def test_bfloat16(name):
             np.testing.assert_allclose(g.astype(jnp.float32), gw, atol=tol, err_msg=impl)
 
 
-@pytest.mark.parametrize("pattern", [dict(window=5, sinks=3), dict(chunk=6, sinks=2)], ids=str)
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        dict(window=5, sinks=3),
+        dict(chunk=6, sinks=2),
+        # Non-causal: a document starting inside a query block shows its sinks to the block's
+        # rows even where they lie past the window / chunk range.
+        dict(causal=False, window=2, sinks=9),
+        dict(causal=False, chunk=3, sinks=9),
+    ],
+    ids=str,
+)
 def test_blockwise_packed_sinks_many_documents(pattern):
     """Per-document sinks are found at run time; random packings with many documents per
     block and per batch row must still match the dense reference."""

@@ -34,13 +34,24 @@ class _Plan:
     doc_sinks: int  # >0: sinks of per-document positions, whose key blocks are found at run time
 
 
-def _block_plan(mask: Mask, T: int, S: int, bq: int, bk: int) -> tuple[tuple, tuple]:
-    """Per query block, the key blocks the static pattern may reach (the rest are skipped)."""
+def _block_plan(
+    mask: Mask, T: int, S: int, bq: int, bk: int, doc_sinks: int
+) -> tuple[tuple, tuple]:
+    """Per query block, the key blocks the static pattern may reach (the rest are skipped).
+
+    With doc_sinks, the sinks of the document each query block starts in are left to
+    `_sink_blocks`; those of documents starting inside the block lie in [q_lo, q_hi - 1 + n),
+    which the causal window / chunk range already covers but a non-causal one may not.
+    """
     nq = -(-T // bq)
     rows = []
     for i in range(nq):
+        q_lo, q_hi = i * bq, min(T, (i + 1) * bq)
+        intervals = mask.key_intervals(q_lo, q_hi, T, S)
+        if doc_sinks and not mask.causal:
+            intervals.append((q_lo, q_hi - 1 + doc_sinks))
         blocks = set()
-        for lo, hi in mask.key_intervals(i * bq, min(T, (i + 1) * bq), T, S):
+        for lo, hi in intervals:
             blocks.update(range(lo // bk, -(-min(hi, S) // bk)))
         rows.append(sorted(blocks))
     width = max(1, max(len(r) for r in rows))
@@ -75,7 +86,7 @@ def blockwise_attention(q, k, v, mask, bias, alibi_slopes, scale, softcap, *, bl
     ):
         doc_sinks = mask.sinks
     table, counts = _block_plan(
-        dataclasses.replace(mask, sinks=0) if doc_sinks else mask, T, S, bq, bk
+        dataclasses.replace(mask, sinks=0) if doc_sinks else mask, T, S, bq, bk, doc_sinks
     )
     pattern = dataclasses.replace(
         mask, q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None
@@ -142,8 +153,8 @@ def _sink_blocks(plan, i, row, cnt, q_pos):
     """Key blocks holding the first `doc_sinks` rows of the document that each batch row's
     query block i starts in, that the static row does not already visit: (blocks, valid) [B*m].
 
-    Documents starting inside the query block have their sinks inside the window / chunk range,
-    which always reaches back to the block's first row (index-aligned positions).
+    Documents starting inside the query block have their sinks in the static row (see
+    `_block_plan`).
     """
     bq, bk, n = plan.bq, plan.bk, plan.doc_sinks
     start = i * bq - q_pos[:, i * bq]  # [B or 1] row where that document begins
