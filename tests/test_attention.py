@@ -285,6 +285,20 @@ def test_splash_interpret_matches_xla_with_sinks():
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_splash_interpret_length_not_a_multiple_of_512():
+    """Splash tiles must divide the length: T = 640 (a multiple of 128 only) still runs."""
+    T = 640
+    keys = jax.random.split(jax.random.key(np.random.randint(1 << 30)), 3)
+    q = jax.random.normal(keys[0], (1, T, 2, 8))
+    k = jax.random.normal(keys[1], (1, T, 1, 8))
+    v = jax.random.normal(keys[2], (1, T, 1, 8))
+    mask = Mask(window=100)
+    assert supports("splash", mask, platform="tpu", T=T, S=T) is None
+    got = kernels._splash(q, k, v, mask, 0.3, None, interpret=True)
+    want = attention(q, k, v, mask=mask, scale=0.3, implementation="xla")
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_blockwise_sharded_batch_and_heads():
     mesh = jax.make_mesh((2, 4), ("data", "tensor"))
     (q, k, v), mask, *_ = make_case(dict(window=6, sinks=2, segments=True, H=8, K=4))

@@ -294,7 +294,9 @@ def _splash(q, k, v, mask, scale, softcap, *, interpret=False):
     S = k.shape[1]
     _, MultiHeadMask = _splash_mask_class()
     pattern = splash_pattern_mask(mask, T, S)
-    block = min(512, T)
+    # The largest tile dividing T (a multiple of _SPLASH_BLOCK, see `supports`): splash
+    # requires every block size to divide the sequence length.
+    block = next(b for b in (512, 256, _SPLASH_BLOCK) if T % b == 0)
     sizes = splash.BlockSizes(
         block_q=block,
         block_kv=block,
