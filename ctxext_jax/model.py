@@ -273,16 +273,26 @@ class Decoder(nnx.Module):
         return constrain(logits, ("batch", "length", "activation_vocab"))
 
     def _run_layers(self, x, positions, segment_ids):
-        graphdef, state = nnx.split(self.layers)
+        def pure(module):
+            """-> (apply(x, state) -> x, state), rematerialised per the config."""
+            graphdef, state = nnx.split(module)
 
-        def apply_group(x, group_state):
-            return nnx.merge(graphdef, group_state)(x, positions, segment_ids)
+            def apply(x, state):
+                return nnx.merge(graphdef, state)(x, positions, segment_ids)
 
-        if self.cfg.remat != "none":
-            apply_group = jax.checkpoint(apply_group, policy=REMAT_POLICIES[self.cfg.remat])
-        if not self.cfg.scan_layers:
-            return apply_group(x, state)
-        x, _ = jax.lax.scan(lambda h, s: (apply_group(h, s), None), x, state)
+            if self.cfg.remat != "none":
+                apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.cfg.remat])
+            return apply, state
+
+        if self.cfg.scan_layers:
+            apply_group, state = pure(self.layers)
+            x, _ = jax.lax.scan(lambda h, s: (apply_group(h, s), None), x, state)
+            return x
+        # Unscanned, the group is the whole stack: one checkpoint around it would hold every
+        # layer's activations at once in the backward pass, so each block is its own unit.
+        for block in self.layers.blocks:
+            apply_block, state = pure(block)
+            x = apply_block(x, state)
         return x
 
 

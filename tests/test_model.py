@@ -105,6 +105,24 @@ def test_scan_and_remat_leave_logits_unchanged():
         np.testing.assert_allclose(other, outputs[0], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("scan", [True, False])
+def test_remat_checkpoints_each_scanned_group_or_block(scan):
+    """Unscanned, a checkpoint around the whole stack would save no memory: one per block."""
+    program = _program(remat="full", scan_layers=scan, n_layers=4, layer_pattern="GL", window=8)
+    tokens = np.zeros((2, T), np.int32)
+    jaxpr = jax.make_jaxpr(program.apply)(program.abstract_params, tokens).jaxpr
+
+    def count_remat(eqns):  # jax.checkpoint's primitive is "remat2" (older: "checkpoint")
+        return sum(e.primitive.name in ("remat2", "checkpoint") for e in eqns)
+
+    scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    if scan:
+        assert count_remat(jaxpr.eqns) == 0 and len(scans) == 1
+        assert count_remat(scans[0].params["jaxpr"].jaxpr.eqns) == 1  # one per repeat of "GL"
+    else:
+        assert count_remat(jaxpr.eqns) == 4
+
+
 SCHEMES = {
     "default": {"rope": {"rope_type": "default", "rope_theta": 10000.0}},
     "linear": {"rope": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}},
