@@ -6,7 +6,9 @@
 
 Prints a markdown table: median wall time over --repeats runs after one warm-up call
 (block_until_ready), the compiled temp memory (`memory_analysis().temp_size_in_bytes`, what the
-kernel needs beyond its inputs and outputs) and, on GPU/TPU, the device's peak bytes in use.
+kernel needs beyond its inputs and outputs) and, on GPU/TPU, the device's peak bytes in use so
+far: JAX has no public way to reset that peak, so it is the running maximum over the rows above
+(a row's own peak only where the figure rises); the temp columns are per row.
 A backend that refuses the pattern (see `supports`) gets a row saying why.
 """
 
@@ -58,7 +60,7 @@ def _peak_mib():
 
 
 def measure(impl, T, mask, args):
-    """One row: {'fwd ms', 'fwd+bwd ms', 'fwd temp MiB', 'fwd+bwd temp MiB', 'peak MiB'}."""
+    """One row: {'fwd ms', 'fwd+bwd ms', 'fwd temp MiB', 'fwd+bwd temp MiB', 'peak so far MiB'}."""
     B, H, K, D = args.batch, args.heads, args.kv_heads, args.head_dim
     dtype = jnp.dtype(args.dtype)
     keys = jax.random.split(jax.random.key(0), 3)
@@ -81,7 +83,7 @@ def measure(impl, T, mask, args):
         mem = compiled.memory_analysis()
         row[f"{name} temp MiB"] = None if mem is None else mem.temp_size_in_bytes / 2**20
         row[f"{name} ms"] = _median_ms(compiled, (q, k, v), args.repeats)
-    row["peak MiB"] = _peak_mib()
+    row["peak so far MiB"] = _peak_mib()
     return row
 
 
@@ -94,7 +96,7 @@ def main(argv=None):
     platform = jax.default_backend()
     impls = args.impls.split(",") if args.impls else [i for i in IMPLEMENTATIONS if i != "auto"]
     mask = Mask(causal=not args.non_causal, window=args.window, chunk=args.chunk, sinks=args.sinks)
-    cols = ["fwd ms", "fwd+bwd ms", "fwd temp MiB", "fwd+bwd temp MiB", "peak MiB"]
+    cols = ["fwd ms", "fwd+bwd ms", "fwd temp MiB", "fwd+bwd temp MiB", "peak so far MiB"]
     print(
         f"device: {jax.devices()[0].device_kind} ({platform}); B={args.batch} H={args.heads} "
         f"K={args.kv_heads} D={args.head_dim} {args.dtype}; mask: causal={mask.causal} "
