@@ -79,6 +79,14 @@ MAY_CHANGE = frozenset(
 )  # fmt: skip
 
 
+def _layer_stacking(fields: dict[str, Any]) -> tuple:
+    """How the blocks are laid out in the parameter tree: scanned, [repeats] x pattern length
+    blocks; unscanned, n_layers blocks. A different layout is a different tree."""
+    if fields.get("scan_layers", True):
+        return ("scanned", len(fields.get("layer_pattern", "G")))
+    return ("unscanned", fields.get("n_layers"))
+
+
 def check_compatible(source: dict[str, Any], target) -> None:
     """Raises ValueError naming each shape-changing model field that differs from the source."""
     target_fields = json.loads(target.to_json())
@@ -87,13 +95,17 @@ def check_compatible(source: dict[str, Any], target) -> None:
         for k, v in target_fields.items()
         if k not in MAY_CHANGE and source.get(k) != v
     }
+    if _layer_stacking(source) != _layer_stacking(target_fields):
+        diffs["layer_pattern"] = (source.get("layer_pattern"), target_fields["layer_pattern"])
+        diffs["scan_layers"] = (source.get("scan_layers"), target_fields["scan_layers"])
     if diffs:
         listing = ", ".join(
             f"model.{k}: source {a!r} vs this run {b!r}" for k, (a, b) in diffs.items()
         )
         raise ValueError(
             f"checkpoint.init_from: the source model differs in shape-defining fields ({listing}); "
-            "set them to the source's values (positions, windows and lengths may change)."
+            "set them to the source's values (positions, windows, lengths and a layer_pattern of "
+            "the same length may change)."
         )
 
 

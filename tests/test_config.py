@@ -1,5 +1,6 @@
 """validate() turns each bad value into one error naming the key; the CLI prints it alone."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -96,3 +97,21 @@ def test_unusable_workdir_is_one_error(tmp_path, name):
     workdir = name if "://" in name else str(tmp_path / name)
     with pytest.raises(ValueError, match="--workdir"):
         train_and_evaluate(tiny.get_config("test"), workdir)
+
+
+def test_init_from_refuses_a_different_layer_stacking():
+    """A pattern of another length (scanned) or a scan switch changes the parameter tree."""
+    import json
+
+    from ctxext_jax.checkpoint import check_compatible
+    from ctxext_jax.model import ModelConfig
+
+    source = ModelConfig.from_config(tiny.get_config("test").model)
+    same_length = dataclasses.replace(source, layer_pattern="L", window=8)
+    check_compatible(json.loads(source.to_json()), same_length)  # positions/windows may change
+    for target in (
+        dataclasses.replace(source, layer_pattern="LG", window=8),
+        dataclasses.replace(source, scan_layers=False),
+    ):
+        with pytest.raises(ValueError, match="checkpoint.init_from: .*model.layer_pattern"):
+            check_compatible(json.loads(source.to_json()), target)
