@@ -28,6 +28,12 @@ def _step_dirs(directory: epath.Path) -> list[epath.Path]:
     )
 
 
+def brief(error: Exception, limit: int = 300) -> str:
+    """The first line of an Orbax / TensorStore error, without its multi-kB driver spec."""
+    text = str(error).split(" [tensorstore_spec")[0].strip().splitlines()[0] if str(error) else ""
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def resolve_init_from(path: str) -> epath.Path:
     """A run's workdir, its `checkpoints/` dir or one step dir -> the step dir to load weights
     from (the latest finished step). Raises FileNotFoundError / ValueError saying what to give."""
@@ -66,8 +72,8 @@ def read_model_json(step_dir: epath.Path) -> dict[str, Any]:
         meta = ocp.JsonCheckpointHandler().restore(step_dir / "model")
     except Exception as e:  # orbax raises several types for a damaged JSON item
         raise ValueError(
-            f"{step_dir}/model ({[f.name for f in files]}) is unreadable ({e}); the checkpoint "
-            "is damaged: use an earlier step or re-run the source training."
+            f"{step_dir}/model ({[f.name for f in files]}) is unreadable ({brief(e)}); the "
+            "checkpoint is damaged: use an earlier step or re-run the source training."
         ) from None
     return meta
 
@@ -115,8 +121,9 @@ def load_params(step_dir: epath.Path, abstract_params: Any) -> Any:
         return ocp.StandardCheckpointer().restore(step_dir / "params", abstract_params)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise ValueError(
-            f"could not load parameters from {step_dir}/params: {e}. The checkpoint's model shape "
-            "must match model.* of this run (only positions and attention patterns may change)."
+            f"could not load parameters from {step_dir}/params: {brief(e)}. The checkpoint's model "
+            "shape must match model.* of this run (only positions and attention patterns may "
+            "change)."
         ) from None
 
 
@@ -183,9 +190,11 @@ class Checkpointer:
                 ),
             )
         except Exception as e:  # orbax/tensorstore raise many types for a damaged step
+            # Closing now stops Orbax's background loop from printing its own traceback at exit.
+            self.close()
             raise ValueError(
-                f"checkpoint step {step} under {self.directory} could not be restored ({e}). "
-                "If the run's model config changed, use a new --workdir with "
+                f"checkpoint step {step} under {self.directory} could not be restored "
+                f"({brief(e)}). If the run's model config changed, use a new --workdir with "
                 "checkpoint.init_from instead; if that step is damaged, delete "
                 f"{self.directory / str(step)} to resume from the previous one."
             ) from None

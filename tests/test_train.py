@@ -170,3 +170,27 @@ def test_init_from_changes_length_and_rope(straight_run, tmp_path):
     assert first["step"] == 1
     fresh_first = read_metrics(straight_run[0])[0]["loss"]
     assert first["loss"] < fresh_first - 0.5
+
+
+def test_damaged_checkpoint_is_one_short_error(straight_run, tmp_path):
+    """A truncated array file in the latest step: exit 2, one line naming the step, no traceback
+    (Orbax's background loop once printed one at exit) and no multi-kB TensorStore spec."""
+    import shutil
+    import subprocess
+    import sys
+
+    workdir = tmp_path / "run"
+    shutil.copytree(straight_run[0], workdir)
+    data_file = next(p for p in (workdir / "checkpoints/8/params/d").iterdir() if p.is_file())
+    data_file.write_bytes(data_file.read_bytes()[:10])
+    result = subprocess.run(
+        [sys.executable, "-m", "ctxext_jax.train", "--config", "configs/tiny.py:test",
+         "--workdir", str(workdir), "--config.train.steps=9", "--config.optim.decay_steps=8",
+         "--config.eval.batches=2"],
+        capture_output=True, text=True, env=dict(os.environ, XLA_FLAGS=""), timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: checkpoint step 8 "), result.stderr
+    assert "Traceback" not in result.stderr and len(lines[0]) < 1000
