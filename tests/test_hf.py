@@ -227,6 +227,17 @@ def test_bad_folders(tmp_path):
         _edit_config(tmp_path / "bad", **changes)
         with pytest.raises(ValueError, match=pattern):
             load(str(tmp_path / "bad"))
+    # An interrupted download: a truncated or empty safetensors file; a broken config.json.
+    weights = tmp_path / "bad" / "model.safetensors"
+    for keep in (os.path.getsize(weights) // 2, 4, 0):
+        shutil.rmtree(tmp_path / "bad")
+        shutil.copytree(src, tmp_path / "bad")
+        os.truncate(weights, keep)
+        with pytest.raises(ValueError, match="model.safetensors is truncated"):
+            load(str(tmp_path / "bad"))
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        load(str(tmp_path / "bad"))
     with pytest.raises(ValueError, match="neither tokenizer.json nor tokenizer.model"):
         hf.tokenizer_spec(src)
     # A tokenizer larger than the vocabulary.

@@ -52,7 +52,10 @@ def read_config(folder: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ValueError(f"{folder} has no config.json: it is not a Hugging Face model folder.")
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); re-download it.") from None
 
 
 def is_hf_folder(path: str) -> bool:
@@ -202,14 +205,27 @@ class SafetensorsFolder:
             self._read_header(os.path.join(folder, file))
 
     def _read_header(self, path: str) -> None:
+        file_size = os.path.getsize(path)
+        # An interrupted download leaves a short file: say so rather than fail in struct/mmap.
+        broken = f"{path} is truncated or not a safetensors file"
         with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{broken}; re-download it.")
+            (size,) = struct.unpack("<Q", head)
+            try:
+                header = json.loads(f.read(size)) if 8 + size <= file_size else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                header = None
+        if not isinstance(header, dict):
+            raise ValueError(f"{broken}; re-download it.")
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
             if entry["dtype"] not in _DTYPES:
                 raise ValueError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}.")
+            if 8 + size + entry["data_offsets"][1] > file_size:
+                raise ValueError(f"{broken} (tensor {name} ends past its end); re-download it.")
             offset = 8 + size + entry["data_offsets"][0]
             self.entries[name] = (path, _DTYPES[entry["dtype"]], tuple(entry["shape"]), offset)
 
