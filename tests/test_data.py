@@ -479,6 +479,11 @@ def test_bad_inputs(tmp_path, data_dir, files_dir):
     jsonl = DataConfig(dataset="files", files=str(root / "*.jsonl"), text_key="body")
     with pytest.raises(ValueError, match="data.text_key='body'"):
         list(eval_documents(jsonl, "train"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.jsonl").write_text('{"text": "fine"}\n{"text": cut\n')
+    broken = DataConfig(dataset="files", files=str(tmp_path / "broken" / "*.jsonl"))
+    with pytest.raises(ValueError, match=r"line at byte 17 of .*a.jsonl is not valid JSON"):
+        list(eval_documents(broken, "train"))
     with pytest.raises(ValueError, match="train.batch_size=5 is not divisible"):
         train_iterator(jsonl, global_batch_size=5, seq_len=8, seed=0, shard_index=0, shard_count=2)
 

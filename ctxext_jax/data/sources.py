@@ -73,7 +73,13 @@ class FilesSource:
             raw = f.read(length)
         if not is_jsonl:
             return raw.decode("utf-8", errors="replace")
-        record = json.loads(raw)
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(
+                f"data.files: the line at byte {offset} of {path} is not valid JSON ({e}); fix "
+                "or drop that line (a .jsonl file holds one JSON object per line)."
+            ) from None
         if not isinstance(record, dict) or not isinstance(record.get(self._text_key), str):
             raise ValueError(
                 f"data.text_key={self._text_key!r}: line at byte {offset} of {path} has no string "
