@@ -210,3 +210,5 @@ def test_options_reject_bad_values():
         EvalOptions(lengths=(64,), depths=(1.5,))
     with pytest.raises(ValueError, match="needle_variants"):
         EvalOptions(lengths=(64,), needle_variants=("triple",))
+    with pytest.raises(ValueError, match=r"--needles=21 must be in \[1, 20\]"):
+        EvalOptions(lengths=(64,), needles=21)

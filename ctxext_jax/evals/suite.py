@@ -20,6 +20,7 @@ from ctxext_jax.evals.perplexity import (
     window_plan,
 )
 from ctxext_jax.evals.retrieval import (
+    NAMES,
     VARIANTS,
     needle_grid,
     needle_min_length,
@@ -69,6 +70,9 @@ class EvalOptions:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)} must be >= 1.")
+        if self.needles > len(NAMES):
+            # Each needle needs its own name; caught here, before any other metric has run.
+            raise ValueError(f"--needles={self.needles} must be in [1, {len(NAMES)}].")
         for length in self.lengths:
             resolve_stride(self.stride, length)
 
