@@ -212,3 +212,28 @@ def test_options_reject_bad_values():
         EvalOptions(lengths=(64,), needle_variants=("triple",))
     with pytest.raises(ValueError, match=r"--needles=21 must be in \[1, 20\]"):
         EvalOptions(lengths=(64,), needles=21)
+
+
+def test_suite_length_check_counts_the_needles_of_the_variants_asked_for(tmp_path):
+    """A single-needle prompt fits lengths that multi / distractor prompts (3 needles) do not."""
+    from ctxext_jax.data import DataConfig
+    from ctxext_jax.evals.retrieval import needle_min_length
+    from ctxext_jax.evals.suite import run_suite
+
+    tokenizer = ByteTokenizer()
+    one, three = needle_min_length(tokenizer, needles=1), needle_min_length(tokenizer, needles=3)
+    for i in range(4):
+        (tmp_path / f"{i}.txt").write_text(f"document {i} " * 50)
+    data_cfg = DataConfig(dataset="files", files=str(tmp_path / "*.txt"), eval_split="train")
+    scorer_for = lambda length: make_scorer(_apply_zero_logits(tokenizer.vocab_size), None)  # noqa: E731
+    options = dict(lengths=(one,), metrics=("needle",), depths=(0.5,), needle_trials=1, needles=3)
+    results = run_suite(
+        scorer_for,
+        tokenizer,
+        data_cfg,
+        EvalOptions(needle_variants=("single",), **options),
+        progress=False,
+    )
+    assert results["needle"]["single"]["accuracy"] == [[0.0]]
+    with pytest.raises(ValueError, match=f"use lengths >= {three}"):
+        run_suite(scorer_for, tokenizer, data_cfg, EvalOptions(**options), progress=False)

@@ -120,9 +120,10 @@ def run_suite(
             "lower the lengths."
         )
     shortest = min(options.lengths)
+    needles = 1 if set(options.needle_variants) == {"single"} else options.needles
     for metric, need in [
         ("passkey", passkey_min_length(tokenizer)),
-        ("needle", needle_min_length(tokenizer, needles=options.needles)),
+        ("needle", needle_min_length(tokenizer, needles=needles)),
     ]:
         if metric in options.metrics and shortest < need:
             raise ValueError(
