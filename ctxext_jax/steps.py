@@ -44,6 +44,13 @@ def loss_sums(apply: Callable, params, batch) -> tuple[jax.Array, jax.Array]:
     return jnp.sum(token_losses(logits, batch["targets"]) * mask), jnp.sum(mask)
 
 
+def strided_micro_batches(x: jax.Array, count: int) -> jax.Array:
+    """[B, ...] -> [count, B / count, ...], micro-batch i holding rows i, i + count, ...: each
+    device keeps an equal share of its own batch-sharded rows in every micro-step, so the
+    split moves no data between devices (contiguous blocks would land on a few devices)."""
+    return x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
+
+
 def make_train_step(
     apply: Callable,
     tx: optax.GradientTransformation,
@@ -68,9 +75,7 @@ def make_train_step(
         if grad_accum == 1:
             total, count, grads = grads_of(params, batch)
         else:
-            micro = jax.tree.map(
-                lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch
-            )
+            micro = jax.tree.map(lambda x: strided_micro_batches(x, grad_accum), batch)
             zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
                     jax.tree.map(jnp.zeros_like, params))  # fmt: skip
 

@@ -101,11 +101,15 @@ def test_sharded_step_equals_single_device(step_config, step_batches, single_dev
                  params, reference)  # fmt: skip
 
 
-def test_gradient_accumulation_equals_whole_batch(step_config, step_batches, single_device_run):
+@pytest.mark.parametrize("accum,mesh_shape,devices", [
+    (4, {"data": 1, "fsdp": 1, "tensor": 1}, 1),
+    (2, {"data": 2, "fsdp": 2, "tensor": 1}, 4),
+])  # fmt: skip
+def test_gradient_accumulation_equals_whole_batch(step_config, step_batches, single_device_run,
+                                                  accum, mesh_shape, devices):  # fmt: skip
     config = step_config.copy_and_resolve_references()
-    config.train.grad_accum = 4
-    single = {"data": 1, "fsdp": 1, "tensor": 1}
-    losses, params = _run(config, single, step_batches, jax.devices()[:1])
+    config.train.grad_accum = accum
+    losses, params = _run(config, mesh_shape, step_batches, jax.devices()[:devices])
     reference_losses, reference = single_device_run
     np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
