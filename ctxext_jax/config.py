@@ -11,6 +11,7 @@ import contextlib
 import glob
 import math
 import os
+import re
 import sys
 from collections.abc import Iterator
 
@@ -24,6 +25,40 @@ from ctxext_jax.positions.rope import validate_rope
 
 class ConfigError(ValueError):
     """A config mistake; the message names the key and the fix."""
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl `flags_parser` for the CLIs. ml_collections loads the config file and applies the
+    `--config.a.b=v` overrides while flags are parsed, so a missing file, an unknown variant
+    or override key, or an error raised by `get_config` surfaces here: it prints
+    `error: <message>` alone and exits 2 (CTXEXT_TRACEBACK=1 shows the traceback)."""
+    from absl import flags
+
+    try:
+        remaining = flags.FLAGS(argv)
+        config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+        if config is not None:
+            # A file that failed to load is a stand-in that raises on first attribute access.
+            config.keys  # noqa: B018
+        return remaining
+    except (flags.Error, OSError, AttributeError, KeyError) as e:
+        if os.environ.get("CTXEXT_TRACEBACK"):
+            raise
+        root = e
+        while root.__cause__ or root.__context__:
+            root = root.__cause__ or root.__context__
+        if isinstance(root, KeyError | AttributeError):
+            message = (
+                f"--config: no field {root} to override; check the --config.<group>.<key> "
+                "names against the config reference in the README."
+            )
+        elif missing := re.search(r"No such file or directory: '([^']+)'", str(root)):
+            message = f"--config: no file {missing[1]!r}; give configs/<name>.py[:variant]."
+        else:  # ml_collections embeds the config file's traceback: its last line says it
+            lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+            message = re.sub(r"^[A-Za-z]*(Error|Exception): ", "", lines[-1])
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 @contextlib.contextmanager

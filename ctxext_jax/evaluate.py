@@ -28,7 +28,12 @@ from flax import nnx
 from ml_collections import config_flags
 
 from ctxext_jax import checkpoint, data, sharding
-from ctxext_jax.config import defaults, exit_on_user_error, validate
+from ctxext_jax.config import (
+    defaults,
+    exit_on_user_error,
+    parse_flags,
+    validate,
+)
 from ctxext_jax.evals.report import compare_runs, write_report
 from ctxext_jax.evals.retrieval import VARIANTS
 from ctxext_jax.evals.scoring import make_scorer
@@ -255,10 +260,11 @@ def main(argv):
         if f.compare:
             written = compare_runs(f.compare + extra, os.path.join(f.workdir, "eval"))
         else:
-            if f.config is None or not f.checkpoint:
+            config = f.config
+            if config is None or not f.checkpoint:
                 raise ValueError("--config and --checkpoint are required (or give --compare).")
             evaluate(
-                f.config,
+                config,
                 f.checkpoint,
                 f.workdir,
                 _options(),
@@ -271,4 +277,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -24,7 +24,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from ctxext_jax import checkpoint, data, hf, sharding
-from ctxext_jax.config import exit_on_user_error, validate
+from ctxext_jax.config import exit_on_user_error, parse_flags, validate
 from ctxext_jax.evals import long_eval_subset
 from ctxext_jax.metrics import MetricsWriter, Progress, peak_flops_per_device, perplexity
 from ctxext_jax.model import Decoder, ModelConfig, flops_per_token, param_axes, param_count
@@ -306,4 +306,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

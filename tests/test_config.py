@@ -115,3 +115,26 @@ def test_init_from_refuses_a_different_layer_stacking():
     ):
         with pytest.raises(ValueError, match="checkpoint.init_from: .*model.layer_pattern"):
             check_compatible(json.loads(source.to_json()), target)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--config", "configs/tiny.py:bogus"], "error: configs/tiny.py: unknown variant 'bogus'"),
+        (
+            ["--config", "configs/nonexistent.py"],
+            "error: --config: no file 'configs/nonexistent.py'",
+        ),
+        (["--config", "configs/tiny.py", "--config.model.nosuch=3"], "error: --config: no field"),
+    ],
+    ids=["variant", "missing-file", "unknown-key"],
+)
+def test_cli_config_file_errors_are_one_line(tmp_path, args, message):
+    """A config file that fails to load is reported by flag parsing: one line, exit 2."""
+    result = subprocess.run(
+        [sys.executable, "-m", "ctxext_jax.train", "--workdir", str(tmp_path), *args],
+        capture_output=True, text=True, env=dict(os.environ, XLA_FLAGS=""), timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip().splitlines()[-1]]
+    assert result.stderr.strip().startswith(message), result.stderr
