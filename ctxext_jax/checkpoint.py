@@ -10,8 +10,13 @@ A step directory holds five items:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import sys
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -127,6 +132,25 @@ def load_params(step_dir: epath.Path, abstract_params: Any) -> Any:
         ) from None
 
 
+@contextlib.contextmanager
+def _hold_stderr_on_failure(settle_seconds: float = 0.5) -> Iterator[None]:
+    """Holds what is written to stderr while the block runs: passed on if it succeeds, dropped
+    if it raises. When a restore fails on a damaged file, TensorStore reads still in flight
+    resolve into Orbax's already closed event loop and print 'Event loop is closed' tracebacks
+    from their threads; the error raised instead says what happened."""
+    real, held = sys.stderr, io.StringIO()
+    sys.stderr = held
+    try:
+        yield
+    except BaseException:
+        time.sleep(settle_seconds)  # let the stragglers print into `held`
+        raise
+    else:
+        real.write(held.getvalue())
+    finally:
+        sys.stderr = real
+
+
 class Checkpointer:
     """A CheckpointManager over `workdir/checkpoints` that saves and restores the whole run."""
 
@@ -179,19 +203,21 @@ class Checkpointer:
         """-> (state, data_iterator) at `step` (default latest), placed like `abstract_state`."""
         step = self.latest_step() if step is None else step
         try:
-            restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(abstract_state["params"]),
-                    opt_state=ocp.args.StandardRestore(
-                        {"step": abstract_state["step"], "opt_state": abstract_state["opt_state"]}
+            with _hold_stderr_on_failure():
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        params=ocp.args.StandardRestore(abstract_state["params"]),
+                        opt_state=ocp.args.StandardRestore(
+                            {
+                                "step": abstract_state["step"],
+                                "opt_state": abstract_state["opt_state"],
+                            }
+                        ),
+                        data=grain.checkpoint.CheckpointRestore(data_iterator),
                     ),
-                    data=grain.checkpoint.CheckpointRestore(data_iterator),
-                ),
-            )
+                )
         except Exception as e:  # orbax/tensorstore raise many types for a damaged step
-            # Closing now stops Orbax's background loop from printing its own traceback at exit.
-            self.close()
             raise ValueError(
                 f"checkpoint step {step} under {self.directory} could not be restored "
                 f"({brief(e)}). If the run's model config changed, use a new --workdir with "
