@@ -26,6 +26,7 @@ from etils import epath
 from ctxext_jax import checkpoint, hf, sharding
 from ctxext_jax.config import exit_on_user_error
 from ctxext_jax.model import ModelConfig
+from ctxext_jax.steps import build_model
 
 # config.json fields carried from the source into an export (they change no weights).
 CARRIED_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -33,8 +34,6 @@ CARRIED_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 def import_to_checkpoint(hf_dir: str, ckpt_dir: str) -> str:
     """HF folder -> CKPT/checkpoints/0 in our Orbax layout; returns the step dir."""
-    from ctxext_jax.train import build_model
-
     root = epath.Path(os.path.abspath(os.path.expanduser(ckpt_dir)))
     if (root / "checkpoints").exists():
         raise ValueError(f"--to {ckpt_dir} already holds checkpoints; give a new folder.")
@@ -119,8 +118,6 @@ def export_checkpoint(
 ) -> str:
     """Our checkpoint (a run's workdir, checkpoints/ dir or step dir) -> an HF folder with the
     checkpoint's own rope configuration. The architecture defaults to the source model's."""
-    from ctxext_jax.train import build_model
-
     step_dir = checkpoint.resolve_init_from(ckpt_path)
     cfg = model_config_from_json(checkpoint.read_model_json(step_dir))
     source, tokenizer = source_of(step_dir)

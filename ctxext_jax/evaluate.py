@@ -24,10 +24,9 @@ import os
 import jax
 import ml_collections
 from absl import app, flags, logging
-from flax import nnx
 from ml_collections import config_flags
 
-from ctxext_jax import checkpoint, data, sharding
+from ctxext_jax import checkpoint, data, hf, sharding
 from ctxext_jax.config import (
     defaults,
     exit_on_user_error,
@@ -38,8 +37,8 @@ from ctxext_jax.evals.report import compare_runs, write_report
 from ctxext_jax.evals.retrieval import VARIANTS
 from ctxext_jax.evals.scoring import make_scorer
 from ctxext_jax.evals.suite import METRICS, EvalOptions, run_suite
-from ctxext_jax.model import Decoder, ModelConfig, param_axes
-from ctxext_jax.steps import make_apply
+from ctxext_jax.model import ModelConfig
+from ctxext_jax.steps import build_model
 
 POSITIONAL_FIELDS = (
     "rope",
@@ -77,31 +76,6 @@ def effective_model(saved: dict, config_model) -> tuple[ModelConfig, dict]:
     return ModelConfig.from_config(ml_collections.ConfigDict(fields)), overrides
 
 
-def _hf_module():
-    """`ctxext_jax.hf` when it is installed in this tree (it imports Hugging Face folders)."""
-    try:
-        from ctxext_jax import hf
-    except ModuleNotFoundError as e:
-        if e.name != "ctxext_jax.hf":
-            raise
-        return None
-    return hf
-
-
-def _model_functions(model_cfg: ModelConfig, mesh, rules):
-    """-> (apply traced under the mesh rules, abstract params with shardings)."""
-    graphdef, abstract_state = nnx.split(
-        nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0)))
-    )
-    shardings = sharding.tree_shardings(param_axes(abstract_state), mesh, rules)
-    abstract_params = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        nnx.to_pure_dict(abstract_state),
-        shardings,
-    )
-    return sharding.under_mesh(make_apply(graphdef, abstract_state), mesh, rules), abstract_params
-
-
 def attention_impl_for(configured: str, length: int, *, blockwise_above: int) -> str:
     """The dense `xla` backend materialises [T, T] scores: windows longer than
     `blockwise_above` switch it to the memory-efficient blockwise kernel. `auto` already
@@ -124,9 +98,8 @@ def evaluate(
 ) -> dict:
     """Runs the suite on the checkpoint and writes W/eval/{report.md, results.json, *.png}.
     options=None evaluates at 1, 2, 4 and 8 times the trained length."""
-    hf = _hf_module()
     data_fields = config.data.to_dict()
-    if hf is not None and hf.is_hf_folder(checkpoint_path):
+    if hf.is_hf_folder(checkpoint_path):
         saved = json.loads(hf.config_from_hf(hf.read_config(checkpoint_path)).to_json())
         source = "huggingface"
         if data_fields["tokenizer"] == defaults().data.tokenizer:
@@ -153,7 +126,7 @@ def evaluate(
     mesh_cfg = sharding.MeshConfig.from_config(config.mesh)
     mesh, rules = sharding.make_mesh(mesh_cfg), mesh_cfg.rules
     batch_sharding = sharding.named_sharding(mesh, ("batch", "length"), rules)
-    apply, abstract_params = _model_functions(model_cfg, mesh, rules)
+    apply, abstract_params, _ = build_model(model_cfg, mesh, rules, seed=0)
     if source == "huggingface":
         params = hf.load_params(checkpoint_path, abstract_params)  # each device reads its slice
     else:
@@ -168,8 +141,8 @@ def evaluate(
     def scorer_for(length: int):
         impl = impls[length]
         if impl not in applies:
-            applies[impl] = _model_functions(
-                dataclasses.replace(model_cfg, attention_impl=impl), mesh, rules
+            applies[impl] = build_model(
+                dataclasses.replace(model_cfg, attention_impl=impl), mesh, rules, seed=0
             )[0]
         return make_scorer(
             applies[impl], params, batch_sharding=batch_sharding, pad_id=tokenizer.pad_id

@@ -15,6 +15,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from ctxext_jax import sharding
+from ctxext_jax.model import Decoder, param_axes
+
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
@@ -28,6 +31,25 @@ def make_apply(graphdef: nnx.GraphDef, abstract_state: nnx.State) -> Callable:
         return model(inputs, positions=positions, segment_ids=segment_ids)
 
     return apply
+
+
+def build_model(model_cfg, mesh, rules, *, seed: int):
+    """-> (apply, abstract params with shardings, jitted init); nothing is materialised yet.
+    `apply` constrains activations by the logical `rules` on `mesh` wherever it is traced."""
+    abstract_model = nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(seed)))
+    graphdef, abstract_state = nnx.split(abstract_model)
+    shardings = sharding.tree_shardings(param_axes(abstract_state), mesh, rules)
+    abstract_params = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nnx.to_pure_dict(abstract_state),
+        shardings,
+    )
+
+    def init():
+        return nnx.to_pure_dict(nnx.state(Decoder(model_cfg, rngs=nnx.Rngs(seed))))
+
+    apply = sharding.under_mesh(make_apply(graphdef, abstract_state), mesh, rules)
+    return apply, abstract_params, jax.jit(init, out_shardings=shardings)
 
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:

@@ -20,34 +20,15 @@ import ml_collections
 import numpy as np
 import optax
 from absl import app, flags, logging
-from flax import nnx
 from ml_collections import config_flags
 
 from ctxext_jax import checkpoint, data, hf, sharding
 from ctxext_jax.config import exit_on_user_error, parse_flags, validate
 from ctxext_jax.evals import long_eval_subset
 from ctxext_jax.metrics import MetricsWriter, Progress, peak_flops_per_device, perplexity
-from ctxext_jax.model import Decoder, ModelConfig, flops_per_token, param_axes, param_count
+from ctxext_jax.model import ModelConfig, flops_per_token, param_count
 from ctxext_jax.optim import OptimConfig, learning_rate_schedule, make_optimizer
-from ctxext_jax.steps import BATCH_KEYS, make_apply, make_eval_step, make_train_step
-
-
-def build_model(model_cfg: ModelConfig, mesh, rules, *, seed: int):
-    """-> (apply, abstract params with shardings, jitted init). Nothing is materialised yet."""
-    abstract_model = nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(seed)))
-    graphdef, abstract_state = nnx.split(abstract_model)
-    shardings = sharding.tree_shardings(param_axes(abstract_state), mesh, rules)
-    abstract_params = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        nnx.to_pure_dict(abstract_state),
-        shardings,
-    )
-
-    def init():
-        return nnx.to_pure_dict(nnx.state(Decoder(model_cfg, rngs=nnx.Rngs(seed))))
-
-    init = jax.jit(init, out_shardings=shardings)
-    return make_apply(graphdef, abstract_state), abstract_params, init
+from ctxext_jax.steps import BATCH_KEYS, build_model, make_eval_step, make_train_step
 
 
 def state_shardings(abstract_params, tx, mesh):

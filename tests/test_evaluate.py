@@ -119,7 +119,7 @@ def test_hf_folder(tmp_path):
 def test_long_eval_subset(trained):
     from ctxext_jax import checkpoint, sharding
     from ctxext_jax.model import ModelConfig
-    from ctxext_jax.train import build_model
+    from ctxext_jax.steps import build_model
 
     config = tiny.get_config("test")
     mesh_cfg = sharding.MeshConfig.from_config(config.mesh)

@@ -130,7 +130,8 @@ def test_extend_train_export(tmp_path):
     (configs/extend_hf.py) -> export: transformers' logits equal ours at the new length."""
     from configs.extend_hf import get_config
     from ctxext_jax import checkpoint
-    from ctxext_jax.train import build_model, train_and_evaluate
+    from ctxext_jax.steps import build_model
+    from ctxext_jax.train import train_and_evaluate
 
     src = str(tmp_path / "src")
     make_model(src, "qwen2", "default")

@@ -33,6 +33,7 @@ from ctxext_jax.hf.layout import (
 )
 from ctxext_jax.model import ModelConfig
 from ctxext_jax.positions.rope import parse_rope, rope_from_hf_config
+from ctxext_jax.steps import build_model
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -246,7 +247,7 @@ def _prefixed(reader: SafetensorsFolder) -> Callable[[str], str]:
 
 def load_params(path: str, abstract_params: Any) -> Any:
     """HF folder -> our parameter tree shaped and placed like `abstract_params` (a tree of
-    ShapeDtypeStructs, as `train.build_model` returns; without `.sharding`: default device).
+    ShapeDtypeStructs, as `steps.build_model` returns; without `.sharding`: default device).
     Each device reads only its slice of each tensor; tensors are cast to the abstract dtype."""
     reader = SafetensorsFolder(path)
     rename = _prefixed(reader)
@@ -333,9 +334,6 @@ def from_pretrained(
     rules=sharding.DEFAULT_RULES,
 ) -> HFModel:
     """Loads an HF folder onto `mesh` (default: one device) sharded by the logical `rules`."""
-    # Imported here: train imports this module to accept an HF folder as checkpoint.init_from.
-    from ctxext_jax.train import build_model
-
     cfg = config_from_hf(
         read_config(path), dtype=dtype, attention_impl=attention_impl, scan_layers=scan_layers
     )
@@ -343,11 +341,7 @@ def from_pretrained(
     apply, abstract_params, _ = build_model(cfg, mesh, rules, seed=0)
     params = load_params(path, abstract_params)
 
-    def forward(params, tokens):
-        with sharding.use_mesh(mesh, rules):
-            return apply(params, tokens)
-
-    return HFModel(config=cfg, params=params, apply=apply, forward=jax.jit(forward))
+    return HFModel(config=cfg, params=params, apply=apply, forward=jax.jit(apply))
 
 
 def model_json(path: str) -> dict[str, Any]:
