@@ -26,54 +26,14 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ctxext_jax import checkpoint, data, hf, sharding
-from ctxext_jax.config import (
-    defaults,
-    exit_on_user_error,
-    parse_flags,
-    validate,
-)
+from ctxext_jax import data, restore, sharding
+from ctxext_jax.config import exit_on_user_error, parse_flags
 from ctxext_jax.evals.report import compare_runs, write_report
 from ctxext_jax.evals.retrieval import VARIANTS
 from ctxext_jax.evals.scoring import make_scorer
 from ctxext_jax.evals.suite import METRICS, EvalOptions, run_suite
-from ctxext_jax.model import ModelConfig
+from ctxext_jax.restore import POSITIONAL_FIELDS, plain
 from ctxext_jax.steps import build_model
-
-POSITIONAL_FIELDS = (
-    "rope",
-    "local_rope",
-    "max_position_embeddings",
-    "window",
-    "chunk",
-    "sinks",
-    "attention_impl",
-)
-
-
-def _plain(value):
-    """ConfigDict / saved JSON value -> plain Python (rope pairs -> dict) for comparison."""
-    if isinstance(value, ml_collections.ConfigDict):
-        return value.to_dict()
-    if isinstance(value, list | tuple) and all(
-        isinstance(p, list | tuple) and len(p) == 2 and isinstance(p[0], str) for p in value
-    ):
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in value}
-    return value
-
-
-def effective_model(saved: dict, config_model) -> tuple[ModelConfig, dict]:
-    """The checkpoint's model fields with the config's non-default positional fields on top.
-    -> (ModelConfig, {field: value that replaced the checkpoint's})."""
-    schema = defaults().model
-    fields = {k: _plain(v) for k, v in saved.items()}
-    overrides = {}
-    for key in POSITIONAL_FIELDS:
-        value = _plain(config_model[key])
-        if value != _plain(schema[key]) and value != fields.get(key):
-            overrides[key] = value
-    fields.update(overrides)
-    return ModelConfig.from_config(ml_collections.ConfigDict(fields)), overrides
 
 
 def attention_impl_for(configured: str, length: int, *, blockwise_above: int) -> str:
@@ -98,45 +58,22 @@ def evaluate(
 ) -> dict:
     """Runs the suite on the checkpoint and writes W/eval/{report.md, results.json, *.png}.
     options=None evaluates at 1, 2, 4 and 8 times the trained length."""
-    data_fields = config.data.to_dict()
-    if hf.is_hf_folder(checkpoint_path):
-        saved = json.loads(hf.config_from_hf(hf.read_config(checkpoint_path)).to_json())
-        source = "huggingface"
-        if data_fields["tokenizer"] == defaults().data.tokenizer:
-            data_fields["tokenizer"] = hf.tokenizer_spec(checkpoint_path)
-    else:
-        step_dir = checkpoint.resolve_init_from(checkpoint_path)
-        saved, source = checkpoint.read_model_json(step_dir), f"ctxext_jax step {step_dir.name}"
-    model_cfg, overrides = effective_model(saved, config.model)
-    trained_length = int(saved["max_position_embeddings"])
+    resolved = restore.resolve(config, checkpoint_path)
+    model_cfg, trained_length = resolved.model_cfg, resolved.trained_length
     if options is None:
         lengths = tuple(trained_length * f for f in (1, 2, 4, 8))
         options = EvalOptions(lengths=lengths, ppl_tokens=max(32768, 4 * lengths[-1] + 1))
-
-    # Validate the run config as it will be used: the checkpoint's model, the config's data.
-    effective = ml_collections.ConfigDict(config.to_dict())
-    effective.model = ml_collections.ConfigDict(
-        {k: _plain(v) for k, v in json.loads(model_cfg.to_json()).items()}
-    )
-    effective.data = ml_collections.ConfigDict(data_fields)
-    validate(effective)
-
+    data_fields, tokenizer = resolved.data_fields, resolved.tokenizer
     data_cfg = data.DataConfig.from_config(data_fields)
-    tokenizer = data.make_tokenizer(data_cfg.tokenizer)
-    mesh_cfg = sharding.MeshConfig.from_config(config.mesh)
-    mesh, rules = sharding.make_mesh(mesh_cfg), mesh_cfg.rules
+    model, mesh, rules = restore.load(resolved)
+    params = model.params
     batch_sharding = sharding.named_sharding(mesh, ("batch", "length"), rules)
-    apply, abstract_params, _ = build_model(model_cfg, mesh, rules, seed=0)
-    if source == "huggingface":
-        params = hf.load_params(checkpoint_path, abstract_params)  # each device reads its slice
-    else:
-        params = checkpoint.load_params(step_dir, abstract_params)
 
     impls = {
         n: attention_impl_for(model_cfg.attention_impl, n, blockwise_above=blockwise_above)
         for n in options.lengths
     }
-    applies = {model_cfg.attention_impl: apply}
+    applies = {model_cfg.attention_impl: model.apply}
 
     def scorer_for(length: int):
         impl = impls[length]
@@ -152,10 +89,10 @@ def evaluate(
     results.update(
         name=name or os.path.basename(os.path.normpath(workdir)),
         checkpoint=os.path.abspath(checkpoint_path),
-        source=source,
+        source=resolved.source,
         trained_length=trained_length,
-        positions={k: _plain(getattr(model_cfg, k)) for k in POSITIONAL_FIELDS},
-        overrides=overrides,
+        positions={k: plain(getattr(model_cfg, k)) for k in POSITIONAL_FIELDS},
+        overrides=resolved.overrides,
         model=json.loads(model_cfg.to_json()),
         data={k: data_fields[k] for k in ("dataset", "eval_split", "tokenizer")},
         options=dataclasses.asdict(options),

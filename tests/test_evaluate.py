@@ -13,7 +13,8 @@ from configs import tiny
 from ctxext_jax import data
 from ctxext_jax.config import defaults
 from ctxext_jax.evals import EvalOptions, long_eval_subset
-from ctxext_jax.evaluate import attention_impl_for, effective_model, evaluate
+from ctxext_jax.evaluate import attention_impl_for, evaluate
+from ctxext_jax.restore import effective_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(

@@ -89,8 +89,8 @@ def make_scorer(
 class Progress:
     """One console line, rewritten in place on a terminal, every few seconds otherwise."""
 
-    def __init__(self, total: int, *, stream=None, every_s: float = 5.0):
-        self.total, self.done = max(total, 1), 0
+    def __init__(self, total: int, *, stream=None, every_s: float = 5.0, label: str = "eval"):
+        self.total, self.done, self.label = max(total, 1), 0, label
         self.stream = stream or sys.stdout
         self.start = self.last = time.perf_counter()
         self.every_s = every_s
@@ -105,8 +105,8 @@ class Progress:
         elapsed = now - self.start
         eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
         line = (
-            f"eval {100 * self.done / self.total:5.1f}% | {note} | elapsed {elapsed:6.1f}s | "
-            f"ETA {eta:6.1f}s"
+            f"{self.label} {100 * self.done / self.total:5.1f}% | {note} | "
+            f"elapsed {elapsed:6.1f}s | ETA {eta:6.1f}s"
         )
         end = "\n" if not self.tty or self.done >= self.total else ""
         print(("\r" if self.tty else "") + line, end=end, file=self.stream, flush=True)
