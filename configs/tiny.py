@@ -8,9 +8,15 @@
 original length = the base run's), the context-extension recipe of the YaRN paper;
 `extend_pi` does the same with Position Interpolation; `test` is what the test suite trains.
 The base run also logs a cheap long-context check (perplexity at 2x/4x, passkey) at its end.
+
+`get_sweep("extend")` is the learning rate x rope factor sweep of the 4x extension (9 runs):
+
+  python -m ctxext_jax.sweep --config configs/tiny.py:extend --root runs/sweep-lr-factor \
+      --config.checkpoint.init_from=runs/tiny
 """
 
 from ctxext_jax.config import defaults
+from ctxext_jax.sweep import product, sweep, zip
 
 BASE_LEN = 256
 
@@ -54,3 +60,20 @@ def get_config(arg: str = "base"):
             f"configs/tiny.py: unknown variant {arg!r}; use base, extend, extend_pi or test."
         )
     return c
+
+
+def get_sweep(arg: str = "extend"):
+    if arg in ("extend", "extend_pi"):
+        return product(
+            sweep("optim.lr", [3e-4, 1e-3, 3e-3]), sweep("model.rope.factor", [2.0, 4.0, 8.0])
+        )
+    if arg == "test":  # two points, one a whole rope block each
+        return zip(
+            sweep("optim.lr", [3e-3, 1e-3]),
+            sweep("model.rope", [
+                {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+                {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
+                 "original_max_position_embeddings": 32},
+            ]),
+        )  # fmt: skip
+    raise ValueError(f"configs/tiny.py: no sweep for {arg!r}; use extend, extend_pi or test.")

@@ -222,7 +222,7 @@ def load_results(workdir: str) -> dict:
     )
 
 
-def _series(results: dict) -> dict[str, dict[int, float]]:
+def series_of(results: dict) -> dict[str, dict[int, float]]:
     """metric name -> {length: value} for the comparison (accuracies averaged over depth)."""
     out: dict[str, dict[int, float]] = {}
     if "perplexity" in results:
@@ -239,25 +239,18 @@ def _series(results: dict) -> dict[str, dict[int, float]]:
     return out
 
 
-def compare_runs(workdirs: Sequence[str], out_dir: str) -> list[str]:
-    """One table (report.md, compare.json) and one plot per metric over several eval runs."""
-    if len(workdirs) < 2:
-        raise ValueError(f"--compare needs at least two eval workdirs, got {list(workdirs)}.")
-    runs = [load_results(w) for w in workdirs]
-    names = [r["name"] for r in runs]
-    if len(set(names)) < len(names):
-        names = [f"{n} ({w})" for n, w in zip(names, workdirs, strict=True)]
-    series = [_series(r) for r in runs]
+def compare_series(
+    names: Sequence[str],
+    series: Sequence[dict[str, dict[int, float]]],
+    out_dir: str,
+    *,
+    trained_lengths: Sequence[int] = (),
+) -> tuple[list[str], list[str]]:
+    """Markdown tables and one `compare_<metric>.png` per metric of several runs' series
+    (metric -> {length: value}, as `series_of` makes); returns (markdown lines, plot names)."""
     metrics = list(dict.fromkeys(m for s in series for m in s))
-    plt, plots = _pyplot(), []
+    plt, plots, lines = _pyplot(), [], []
     os.makedirs(out_dir, exist_ok=True)
-    lines = ["# Comparison of long-context evaluations", ""]
-    lines += [
-        f"- {n}: `{w}` (trained length {r.get('trained_length')}, positions "
-        f"`{json.dumps(r['positions'])}`)"
-        for n, w, r in zip(names, workdirs, runs, strict=True)
-    ]
-    lines.append("")
     for metric in metrics:
         lengths = sorted({n for s in series for n in s.get(metric, {})})
         label = "perplexity" if metric == "ppl" else f"{metric} accuracy (mean over depths)"
@@ -283,8 +276,7 @@ def compare_runs(workdirs: Sequence[str], out_dir: str) -> list[str]:
             ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(label)
-        trained = {r.get("trained_length") for r in runs} - {None}
-        for t in sorted(trained):
+        for t in sorted(set(trained_lengths)):
             ax.axvline(t, color="grey", linestyle="--", linewidth=1)
         ax.legend(fontsize=8)
         ax.set_title(label)
@@ -293,6 +285,28 @@ def compare_runs(workdirs: Sequence[str], out_dir: str) -> list[str]:
         fig.savefig(os.path.join(out_dir, plot), dpi=100)
         plt.close(fig)
         plots.append(plot)
+    return lines, plots
+
+
+def compare_runs(workdirs: Sequence[str], out_dir: str) -> list[str]:
+    """One table (report.md, compare.json) and one plot per metric over several eval runs."""
+    if len(workdirs) < 2:
+        raise ValueError(f"--compare needs at least two eval workdirs, got {list(workdirs)}.")
+    runs = [load_results(w) for w in workdirs]
+    names = [r["name"] for r in runs]
+    if len(set(names)) < len(names):
+        names = [f"{n} ({w})" for n, w in zip(names, workdirs, strict=True)]
+    series = [series_of(r) for r in runs]
+    lines = ["# Comparison of long-context evaluations", ""]
+    lines += [
+        f"- {n}: `{w}` (trained length {r.get('trained_length')}, positions "
+        f"`{json.dumps(r['positions'])}`)"
+        for n, w, r in zip(names, workdirs, runs, strict=True)
+    ]
+    lines.append("")
+    trained = [r["trained_length"] for r in runs if r.get("trained_length")]
+    tables, plots = compare_series(names, series, out_dir, trained_lengths=trained)
+    lines += tables
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(lines))
