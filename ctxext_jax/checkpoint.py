@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,7 +24,29 @@ import grain
 import orbax.checkpoint as ocp
 from etils import epath
 
+from ctxext_jax.errors import fail
+
 ITEMS = ("params", "opt_state", "data", "config", "model")
+
+
+def handler_registry(items: tuple[str, ...]) -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """Orbax handlers (with their save and restore argument types) for the named items."""
+    handlers = {
+        "params": (ocp.StandardCheckpointHandler, ocp.args.StandardSave, ocp.args.StandardRestore),
+        "opt_state": (ocp.StandardCheckpointHandler, ocp.args.StandardSave,
+                      ocp.args.StandardRestore),
+        "data": (grain.checkpoint.CheckpointHandler, grain.checkpoint.CheckpointSave,
+                 grain.checkpoint.CheckpointRestore),
+        "config": (ocp.JsonCheckpointHandler, ocp.args.JsonSave, ocp.args.JsonRestore),
+        "model": (ocp.JsonCheckpointHandler, ocp.args.JsonSave, ocp.args.JsonRestore),
+    }  # fmt: skip
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for name in items:
+        handler, save, restore = handlers[name]
+        handler = handler()
+        registry.add(name, save, handler)
+        registry.add(name, restore, handler)
+    return registry
 
 
 def _step_dirs(directory: epath.Path) -> list[epath.Path]:
@@ -68,6 +91,20 @@ def resolve_init_from(path: str) -> epath.Path:
     if not (step_dir / "model").is_dir():
         raise ValueError(f"{step_dir} has no 'model' item: it is not a ctxext_jax checkpoint.")
     return step_dir
+
+
+def check_init_from(source: str) -> None:
+    """Raises ConfigError naming `checkpoint.init_from` unless it is a Hugging Face folder with a
+    usable config.json or a run / checkpoint folder holding a finished step."""
+    from ctxext_jax import hf
+
+    try:
+        if hf.is_hf_folder(source):
+            hf.model_json(source)
+        else:
+            resolve_init_from(source)
+    except (FileNotFoundError, ValueError) as e:
+        fail("checkpoint.init_from", str(e))
 
 
 def read_model_json(step_dir: epath.Path) -> dict[str, Any]:
@@ -151,6 +188,17 @@ def _hold_stderr_on_failure(settle_seconds: float = 0.5) -> Iterator[None]:
         sys.stderr = real
 
 
+# Checkpointers with writes possibly in flight, for `finish_writes` on an error exit.
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+def finish_writes() -> None:
+    """Waits for every open Checkpointer's asynchronous writes (before exiting on an error)."""
+    for ckpt in list(_OPEN):
+        with contextlib.suppress(Exception):  # a failed write already said why
+            ckpt.manager.wait_until_finished()
+
+
 class Checkpointer:
     """A CheckpointManager over `workdir/checkpoints` that saves and restores the whole run."""
 
@@ -159,19 +207,17 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory,
             # Orbax decides when to save: every `every` steps, and at a preemption sync point
-            # (a SIGTERM on a Cloud TPU pod), after which the trainer stops.
+            # (a SIGTERM on a Cloud TPU pod), after which the trainer stops. Only finite states
+            # are ever saved (the trainer skips non-finite updates), so keeping the latest
+            # `keep` never deletes the last finite one.
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, save_interval_steps=every, create=True
+                save_interval_steps=every,
+                preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+                create=True,
             ),
-            item_names=ITEMS,
-            item_handlers={
-                "params": ocp.StandardCheckpointHandler(),
-                "opt_state": ocp.StandardCheckpointHandler(),
-                "data": grain.checkpoint.CheckpointHandler(),
-                "config": ocp.JsonCheckpointHandler(),
-                "model": ocp.JsonCheckpointHandler(),
-            },
+            handler_registry=handler_registry(ITEMS),
         )
+        _OPEN.add(self)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -231,9 +277,7 @@ class Checkpointer:
         }
         return state, restored.data
 
-    def wait(self):
-        self.manager.wait_until_finished()
-
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+        _OPEN.discard(self)

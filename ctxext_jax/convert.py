@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from ctxext_jax import checkpoint, hf, sharding
-from ctxext_jax.config import exit_on_user_error
+from ctxext_jax.cli import exit_on_user_error
 from ctxext_jax.model import ModelConfig
 from ctxext_jax.steps import build_model
 
@@ -48,12 +48,7 @@ def import_to_checkpoint(hf_dir: str, ckpt_dir: str) -> str:
     manager = ocp.CheckpointManager(
         root / "checkpoints",
         options=ocp.CheckpointManagerOptions(create=True),
-        item_names=("params", "config", "model"),
-        item_handlers={
-            "params": ocp.StandardCheckpointHandler(),
-            "config": ocp.JsonCheckpointHandler(),
-            "model": ocp.JsonCheckpointHandler(),
-        },
+        handler_registry=checkpoint.handler_registry(("params", "config", "model")),
     )
     source = {"hf_config": config_json, "hf_source": os.path.abspath(hf_dir)}
     manager.save(

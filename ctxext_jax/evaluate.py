@@ -27,7 +27,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ctxext_jax import data, restore, sharding
-from ctxext_jax.config import exit_on_user_error, parse_flags
+from ctxext_jax.cli import exit_on_user_error, parse_flags
 from ctxext_jax.evals.report import compare_runs, write_report
 from ctxext_jax.evals.retrieval import VARIANTS
 from ctxext_jax.evals.scoring import make_scorer

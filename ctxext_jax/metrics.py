@@ -91,26 +91,55 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-    """One console line per log step: step, loss, tokens/s, MFU and ETA."""
+    """The console line of a long loop: what is done, and the ETA from the rate so far.
 
-    def __init__(self, total_steps: int, start_step: int):
-        self.total, self.start_step, self.start = total_steps, start_step, time.perf_counter()
+    Training prints one line per log step (`step`): `step 120/300 | loss 1.9 | 10,500 tok/s |
+    MFU 14.2% | ETA 0:00:31`, on process 0. Evaluation advances by work units (`advance`) and
+    rewrites its line in place on a terminal, every `every_s` seconds otherwise.
+    """
 
-    def line(self, step: int, scalars: dict[str, float]) -> str:
-        elapsed = time.perf_counter() - self.start
-        done = max(step - self.start_step, 1)
-        eta = elapsed / done * (self.total - step)
+    def __init__(self, total: int, *, done: int = 0, label: str = "eval", stream=None,
+                 every_s: float = 5.0):  # fmt: skip
+        self.total, self.done, self.first, self.label = max(total, 1), done, done, label
+        self.stream = stream or sys.stdout
+        self.start = self.last = time.perf_counter()
+        self.every_s = every_s
+        self.tty = self.stream.isatty()
+
+    def eta(self) -> float:
+        """Seconds left at the rate since the start (0 before any progress)."""
+        done = self.done - self.first
+        return (time.perf_counter() - self.start) / done * (self.total - self.done) if done else 0
+
+    def step(self, step: int, scalars: dict[str, float]) -> str:
+        """Records training step `step` and prints (process 0) and returns its line."""
+        self.done = step
         parts = [f"step {step}/{self.total}", f"loss {scalars['loss']:.4f}"]
         if "tokens_per_sec" in scalars:
             parts.append(f"{scalars['tokens_per_sec']:,.0f} tok/s")
         if "mfu" in scalars:
             parts.append(f"MFU {100 * scalars['mfu']:.1f}%")
-        parts.append(f"ETA {_clock(eta)}")
-        return " | ".join(parts)
-
-    def print(self, step: int, scalars: dict[str, float]) -> None:
+        if scalars.get("skipped_steps"):
+            parts.append(f"{int(scalars['skipped_steps'])} skipped")
+        parts.append(f"ETA {_clock(self.eta())}")
+        line = " | ".join(parts)
         if jax.process_index() == 0:
-            print(self.line(step, scalars), file=sys.stdout, flush=True)
+            print(line, file=self.stream, flush=True)
+        return line
+
+    def advance(self, units: int, note: str) -> None:
+        """Adds `units` of work done; prints when due (always at the end)."""
+        self.done = min(self.done + units, self.total)
+        now = time.perf_counter()
+        if not self.tty and now - self.last < self.every_s and self.done < self.total:
+            return
+        self.last = now
+        line = (
+            f"{self.label} {100 * self.done / self.total:5.1f}% | {note} | "
+            f"elapsed {now - self.start:6.1f}s | ETA {self.eta():6.1f}s"
+        )
+        end = "\n" if not self.tty or self.done >= self.total else ""
+        print(("\r" if self.tty else "") + line, end=end, file=self.stream, flush=True)
 
 
 def perplexity(mean_loss: float) -> float:

@@ -126,10 +126,9 @@ def resolve(
         {k: plain(v) for k, v in json.loads(model_cfg.to_json()).items()}
     )
     effective.data = ml_collections.ConfigDict(data_fields)
-    if no_tokenizer:  # ids only: no tokenizer to check the vocabulary against, so validate
-        # against the byte tokenizer with a vocabulary that always holds it
-        effective.model.vocab_size = max(effective.model.vocab_size, 259)
     validate(effective)
+    if not no_tokenizer:  # ids only: no tokenizer to check the data and vocabulary with
+        data.preflight(data.DataConfig.from_config(data_fields), vocab_size=model_cfg.vocab_size)
     tokenizer = None if no_tokenizer else data.make_tokenizer(data_fields["tokenizer"])
     return Resolved(
         model_cfg=model_cfg,

@@ -18,8 +18,6 @@ from flax import nnx
 from ctxext_jax import sharding
 from ctxext_jax.model import Decoder, param_axes
 
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-
 
 def make_apply(graphdef: nnx.GraphDef, abstract_state: nnx.State) -> Callable:
     """-> apply(params, inputs, positions, segment_ids) -> float32 logits [B, T, V]."""

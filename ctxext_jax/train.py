@@ -23,12 +23,13 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ctxext_jax import checkpoint, data, hf, sharding
-from ctxext_jax.config import exit_on_user_error, parse_flags, validate
+from ctxext_jax.cli import exit_on_user_error, parse_flags
+from ctxext_jax.config import validate
 from ctxext_jax.evals import long_eval_subset
 from ctxext_jax.metrics import MetricsWriter, Progress, peak_flops_per_device, perplexity
 from ctxext_jax.model import ModelConfig, flops_per_token, param_count
 from ctxext_jax.optim import OptimConfig, learning_rate_schedule, make_optimizer
-from ctxext_jax.steps import BATCH_KEYS, build_model, make_eval_step, make_train_step
+from ctxext_jax.steps import build_model, make_eval_step, make_train_step
 
 
 def state_shardings(abstract_params, tx, mesh):
@@ -98,7 +99,7 @@ def device_batch(batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.
     """This host's rows -> global arrays sharded over the batch axes of the mesh."""
     return {
         k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(batch[k]))
-        for k in BATCH_KEYS
+        for k in data.BATCH_KEYS
     }
 
 
@@ -133,9 +134,61 @@ def make_workdir(workdir: str) -> None:
         raise ValueError(f"--workdir {workdir}: cannot create it ({e}).") from None
 
 
+def preflight(config: ml_collections.ConfigDict) -> None:
+    """The checks that read files, run after `validate` and before anything is built: the data
+    and tokenizer (`data.preflight`) and the `checkpoint.init_from` source."""
+    data.preflight(data.DataConfig.from_config(config.data), vocab_size=config.model.vocab_size)
+    if config.checkpoint.init_from:
+        checkpoint.check_init_from(config.checkpoint.init_from)
+
+
+def initial_state(program: Program, ckpt: checkpoint.Checkpointer, train_iter, model_cfg,
+                  init_from: str):  # fmt: skip
+    """-> (state, train_iter): resumed from `ckpt`'s latest step, else the weights of
+    `init_from` (a run or a Hugging Face folder) with a fresh optimizer, else a random init."""
+    if ckpt.latest_step() is not None:
+        state, train_iter = ckpt.restore(program.abstract_state, train_iter)
+        print(f"resumed from step {int(state['step'])} in {ckpt.directory}", flush=True)
+        return state, train_iter
+    if not init_from:
+        return program.init_state(program.init_params()), train_iter
+    if hf.is_hf_folder(init_from):  # a Hugging Face folder: config.json + safetensors
+        checkpoint.check_compatible(hf.model_json(init_from), model_cfg)
+        params = hf.load_params(init_from, program.abstract_params)
+    else:
+        init_from = checkpoint.resolve_init_from(init_from)
+        checkpoint.check_compatible(checkpoint.read_model_json(init_from), model_cfg)
+        params = checkpoint.load_params(init_from, program.abstract_params)
+    print(f"initialised weights from {init_from}", flush=True)
+    return program.init_state(params), train_iter
+
+
+def evaluate_at(step: int, config, program: Program, params, data_cfg, tokenizer) -> dict:
+    """The evaluations due at `step` (validation loss, the long-context subset), printed."""
+    t, e, seq_len = config.train, config.eval, config.data.seq_len
+    results: dict[str, float] = {}
+    if step % e.every == 0 or step == t.steps:
+        metrics = evaluate_loss(program, params, data_cfg, e, seq_len)
+        print(f"eval step {step}: loss {metrics['eval_loss']:.4f} | "
+              f"perplexity {metrics['eval_perplexity']:.3f}", flush=True)  # fmt: skip
+        results.update(metrics)
+    if e.every_long and (step % e.every_long == 0 or step == t.steps):
+        metrics = long_eval_subset(
+            program.apply, params, tokenizer=tokenizer, data_cfg=data_cfg,
+            lengths=list(e.long_lengths) or [2 * seq_len, 4 * seq_len],
+            passkey_trials=e.long_passkey_trials, seed=t.seed,
+            batch_sharding=program.batch_sharding,
+        )  # fmt: skip
+        print(f"long eval step {step}: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()),
+              flush=True)  # fmt: skip
+        results.update(metrics)
+    return results
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (or resumes) the run in `workdir`; returns the final metrics."""
     validate(config)
+    preflight(config)
     t, seq_len = config.train, config.data.seq_len
     make_workdir(workdir)
     if jax.process_index() == 0:
@@ -163,23 +216,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt = checkpoint.Checkpointer(
         workdir, every=config.checkpoint.every, keep=config.checkpoint.keep
     )
-    model_json = model_cfg.to_json()
-    if ckpt.latest_step() is not None:
-        state, train_iter = ckpt.restore(program.abstract_state, train_iter)
-        print(f"resumed from step {int(state['step'])} in {ckpt.directory}", flush=True)
-    elif config.checkpoint.init_from:
-        source = config.checkpoint.init_from
-        if hf.is_hf_folder(source):  # a Hugging Face folder: config.json + safetensors
-            checkpoint.check_compatible(hf.model_json(source), model_cfg)
-            params = hf.load_params(source, program.abstract_params)
-        else:
-            source = checkpoint.resolve_init_from(source)
-            checkpoint.check_compatible(checkpoint.read_model_json(source), model_cfg)
-            params = checkpoint.load_params(source, program.abstract_params)
-        state = program.init_state(params)
-        print(f"initialised weights from {source}", flush=True)
-    else:
-        state = program.init_state(program.init_params())
+    state, train_iter = initial_state(
+        program, ckpt, train_iter, model_cfg, config.checkpoint.init_from
+    )
     start_step = int(state["step"])
 
     # ----------------------------------------------------------------------- loop
@@ -194,53 +233,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"({peak_source})",
             flush=True,
         )
-    progress, last_time, last_step = Progress(t.steps, start_step), None, start_step
+    progress, last_time, last_step = Progress(t.steps, done=start_step), None, start_step
     final: dict[str, float] = {}
-    for step in range(start_step + 1, t.steps + 1):
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            batch = device_batch(next(train_iter), program.batch_sharding)
-            state, metrics = program.train_step(state, batch)
-        if last_time is None:  # the first step compiles; time from its end
-            jax.block_until_ready(metrics)
-            last_time, last_step = time.perf_counter(), step
-        if step % t.log_every == 0 or step == t.steps:
-            metrics = jax.device_get(metrics)
-            elapsed = time.perf_counter() - last_time
-            scalars = {k: float(v) for k, v in metrics.items() if k != "tokens"}
-            if step > last_step:
-                tokens_per_sec = (step - last_step) * t.batch_size * seq_len / elapsed
-                scalars["tokens_per_sec"] = tokens_per_sec
-                if peak:
-                    scalars["mfu"] = tokens_per_sec * flops_token / (peak * jax.device_count())
-            writer.write(step, scalars)
-            progress.print(step, scalars)
-            last_time, last_step, final = time.perf_counter(), step, scalars
-        if step % config.eval.every == 0 or step == t.steps:
-            eval_metrics = evaluate_loss(program, state["params"], data_cfg, config.eval, seq_len)
-            writer.write(step, eval_metrics)
-            print(f"eval step {step}: loss {eval_metrics['eval_loss']:.4f} | "
-                  f"perplexity {eval_metrics['eval_perplexity']:.3f}", flush=True)  # fmt: skip
-            final.update(eval_metrics)
-            last_time, last_step = time.perf_counter(), step
-        if config.eval.every_long and (step % config.eval.every_long == 0 or step == t.steps):
-            long_metrics = long_eval_subset(
-                program.apply, state["params"], tokenizer=tokenizer, data_cfg=data_cfg,
-                lengths=list(config.eval.long_lengths) or [2 * seq_len, 4 * seq_len],
-                passkey_trials=config.eval.long_passkey_trials, seed=t.seed,
-                batch_sharding=program.batch_sharding,
-            )  # fmt: skip
-            writer.write(step, long_metrics)
-            listing = " | ".join(f"{k} {v:.3f}" for k, v in long_metrics.items())
-            print(f"long eval step {step}: {listing}", flush=True)
-            final.update(long_metrics)
-            last_time, last_step = time.perf_counter(), step
-        ckpt.save(step, state, train_iter, config_json=config.to_json_best_effort(),
-                  model_json=model_json, force=step == t.steps)  # fmt: skip
-        if ckpt.reached_preemption(step):
-            print(f"preempted: saved step {step}; rerun the same command to resume", flush=True)
-            break
-    ckpt.close()
-    writer.close()
+    try:  # an error below still lets the checkpoint writes in flight finish
+        for step in range(start_step + 1, t.steps + 1):
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                batch = device_batch(next(train_iter), program.batch_sharding)
+                state, metrics = program.train_step(state, batch)
+            if last_time is None:  # the first step compiles; time from its end
+                jax.block_until_ready(metrics)
+                last_time, last_step = time.perf_counter(), step
+            if step % t.log_every == 0 or step == t.steps:
+                metrics = jax.device_get(metrics)
+                elapsed = time.perf_counter() - last_time
+                scalars = {k: float(v) for k, v in metrics.items() if k != "tokens"}
+                if step > last_step:
+                    tokens_per_sec = (step - last_step) * t.batch_size * seq_len / elapsed
+                    scalars["tokens_per_sec"] = tokens_per_sec
+                    if peak:
+                        scalars["mfu"] = tokens_per_sec * flops_token / (peak * jax.device_count())
+                writer.write(step, scalars)
+                progress.step(step, scalars)
+                last_time, last_step, final = time.perf_counter(), step, scalars
+            evals = evaluate_at(step, config, program, state["params"], data_cfg, tokenizer)
+            if evals:
+                writer.write(step, evals)
+                final.update(evals)
+                last_time, last_step = time.perf_counter(), step
+            ckpt.save(step, state, train_iter, config_json=config.to_json_best_effort(),
+                      model_json=model_cfg.to_json(), force=step == t.steps)  # fmt: skip
+            if ckpt.reached_preemption(step):
+                print(f"preempted: saved step {step}; rerun the same command to resume",
+                      flush=True)  # fmt: skip
+                break
+    finally:
+        ckpt.close()
+        writer.close()
     return final
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from configs import tiny
 from ctxext_jax.config import ConfigError, validate
+from ctxext_jax.train import preflight
 
 BAD = [
     ("model.n_heads", {"model.n_heads": 6, "model.n_kv_heads": 4}, "not a multiple"),
@@ -65,7 +66,9 @@ def test_tiny_configs_are_valid():
 )
 def test_validate_names_the_key(key, overrides, fragment):
     with pytest.raises(ConfigError) as error:
-        validate(_config(overrides))
+        config = _config(overrides)
+        validate(config)
+        preflight(config)
     message = str(error.value)
     assert message.startswith(key), message
     assert fragment in message, message
@@ -73,7 +76,7 @@ def test_validate_names_the_key(key, overrides, fragment):
 
 def test_init_from_without_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="checkpoint.init_from: .* holds no checkpoint"):
-        validate(_config({"checkpoint.init_from": str(tmp_path)}))
+        preflight(_config({"checkpoint.init_from": str(tmp_path)}))
 
 
 def test_cli_prints_only_the_message(tmp_path):

@@ -27,7 +27,7 @@ from ctxext_jax.data import (
     train_iterator,
 )
 from ctxext_jax.data.pipeline import packed_rows
-from ctxext_jax.data.sources import split_of
+from ctxext_jax.data.splits import split_of
 
 RNG = np.random.default_rng()
 WORDS = "the of key value lorem ipsum dolor sit amet data río naïve 文字 🙂".split()

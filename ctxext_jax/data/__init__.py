@@ -9,6 +9,7 @@ from ctxext_jax.data.pipeline import (
     eval_documents,
     train_iterator,
 )
+from ctxext_jax.data.preflight import preflight
 from ctxext_jax.data.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
@@ -28,5 +29,6 @@ __all__ = [
     "eval_batches",
     "eval_documents",
     "make_tokenizer",
+    "preflight",
     "train_iterator",
 ]

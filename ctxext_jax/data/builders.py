@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from ctxext_jax.data.sources import VALIDATION_PER_MILLE, split_of
+from ctxext_jax.data.splits import VALIDATION_PER_MILLE, split_of
 
 
 def stdlib_files() -> tuple[pathlib.Path, list[str]]:

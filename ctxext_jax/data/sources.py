@@ -9,7 +9,6 @@ demand, so Grain can shuffle and shard any of them by index.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -18,14 +17,7 @@ from typing import Any
 import numpy as np
 
 from ctxext_jax.data.config import EMBEDDED, FILES, SYNTHETIC, DataConfig
-
-VALIDATION_PER_MILLE = 50  # ~5% of documents go to the validation split.
-
-
-def split_of(key: str) -> str:
-    """Deterministic train/validation assignment from a stable hash of a document's key."""
-    bucket = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little") % 1000
-    return "validation" if bucket < VALIDATION_PER_MILLE else "train"
+from ctxext_jax.data.splits import split_of
 
 
 class TextSource:

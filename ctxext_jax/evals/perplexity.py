@@ -21,7 +21,8 @@ from collections.abc import Iterable
 import numpy as np
 
 from ctxext_jax.data.sources import document_tokens
-from ctxext_jax.evals.scoring import Progress, Scorer
+from ctxext_jax.evals.scoring import Scorer
+from ctxext_jax.metrics import Progress
 
 
 def token_stream(documents: Iterable[str], tokenizer, *, max_tokens: int) -> np.ndarray:

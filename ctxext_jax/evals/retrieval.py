@@ -8,7 +8,7 @@ d = 1: right before the question). Several inserts are placed at their own depth
 Scoring is exact greedy match of the answer tokens, computed by teacher forcing: the prompt
 plus all answer tokens but the last go through one forward pass, and the answer counts as
 retrieved iff the argmax at each answer position is the next answer token (the same verdict
-greedy decoding of len(answer) tokens gives, without a KV cache). The answer's tokens are
+greedy decoding of len(answer) tokens gives, in one forward pass). The answer's tokens are
 those the tokenizer gives it as a continuation of the question (" 12345" after "... is").
 
 Needle variants, all on real text from the eval split as the haystack (documents joined
@@ -28,7 +28,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ctxext_jax.evals.scoring import Progress, Scorer
+from ctxext_jax.evals.scoring import Scorer
+from ctxext_jax.metrics import Progress
 
 PASSKEY_INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "

@@ -1,4 +1,4 @@
-"""The one device computation every long-context metric needs, and a console progress line.
+"""The one device computation every long-context metric needs: scoring tokens in place.
 
 `make_scorer` jits `(inputs [B, T], targets [B, T]) -> (loss [B, T], argmax == target [B, T])`
 so neither the [B, T, V] logits nor the vocabulary ever leave the device. Perplexity sums the
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
-import time
 from collections.abc import Callable
 
 import jax
@@ -84,29 +82,3 @@ def make_scorer(
         return np.asarray(losses)[:B, :T], np.asarray(correct)[:B, :T]
 
     return run
-
-
-class Progress:
-    """One console line, rewritten in place on a terminal, every few seconds otherwise."""
-
-    def __init__(self, total: int, *, stream=None, every_s: float = 5.0, label: str = "eval"):
-        self.total, self.done, self.label = max(total, 1), 0, label
-        self.stream = stream or sys.stdout
-        self.start = self.last = time.perf_counter()
-        self.every_s = every_s
-        self.tty = self.stream.isatty()
-
-    def advance(self, units: int, note: str) -> None:
-        self.done = min(self.done + units, self.total)
-        now = time.perf_counter()
-        if not self.tty and now - self.last < self.every_s and self.done < self.total:
-            return
-        self.last = now
-        elapsed = now - self.start
-        eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
-        line = (
-            f"{self.label} {100 * self.done / self.total:5.1f}% | {note} | "
-            f"elapsed {elapsed:6.1f}s | ETA {eta:6.1f}s"
-        )
-        end = "\n" if not self.tty or self.done >= self.total else ""
-        print(("\r" if self.tty else "") + line, end=end, file=self.stream, flush=True)

@@ -27,7 +27,8 @@ from ctxext_jax.evals.retrieval import (
     passkey_grid,
     passkey_min_length,
 )
-from ctxext_jax.evals.scoring import Progress, Scorer, make_scorer
+from ctxext_jax.evals.scoring import Scorer, make_scorer
+from ctxext_jax.metrics import Progress
 
 METRICS = ("ppl", "passkey", "needle")
 

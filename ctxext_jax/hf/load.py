@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from ctxext_jax import sharding
+from ctxext_jax.errors import fail
 from ctxext_jax.hf.layout import (
     ARCHITECTURES,
     HF_ROPE_TYPES,
@@ -44,10 +45,6 @@ _DTYPES = {
 
 
 # ------------------------------------------------------------------------------------ config
-def _fail(key: str, message: str):
-    raise ValueError(f"config.json {key}: {message}")
-
-
 def read_config(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
@@ -73,16 +70,16 @@ def family_of(config_json: Mapping[str, Any]) -> str:
     archs = config_json.get("architectures") or []
     if archs:
         if archs[0] not in ARCHITECTURES:
-            _fail(
-                "architectures",
+            fail(
+                "config.json architectures",
                 f"{archs[0]!r} is not supported; supported: {sorted(ARCHITECTURES)} "
                 "(Gemma, MoE and other families need model changes).",
             )
         return ARCHITECTURES[archs[0]]
     model_type = config_json.get("model_type")
     if model_type not in ARCHITECTURES.values():
-        _fail(
-            "model_type",
+        fail(
+            "config.json model_type",
             f"{model_type!r} is not supported and no `architectures` is given; supported "
             f"architectures: {sorted(ARCHITECTURES)}.",
         )
@@ -102,7 +99,10 @@ def _layer_types(cj: Mapping[str, Any], family: str, n_layers: int) -> tuple[lis
             for i in range(n_layers)
         ]
         if len(types) != n_layers or set(types) - {"full_attention", "sliding_attention"}:
-            _fail("layer_types", f"expected {n_layers} of full/sliding_attention, got {types}")
+            fail(
+                "config.json layer_types",
+                f"expected {n_layers} of full/sliding_attention, got {types}",
+            )
         return list(types), window
     # Qwen without use_sliding_window: transformers drops sliding_window, every layer is full.
     return ["full_attention"] * n_layers, 0
@@ -128,23 +128,32 @@ def config_from_hf(
     family = family_of(cj)
     for key in ("quantization_config", "num_experts", "num_local_experts"):
         if cj.get(key):
-            _fail(key, f"is set ({cj[key]!r}); quantized and MoE models are not supported.")
+            fail(
+                f"config.json {key}",
+                f"is set ({cj[key]!r}); quantized and MoE models are not supported.",
+            )
     if cj.get("mlp_bias"):
-        _fail("mlp_bias", "biases on the MLP projections are not supported by the decoder.")
+        fail(
+            "config.json mlp_bias",
+            "biases on the MLP projections are not supported by the decoder.",
+        )
     if family != "qwen2" and cj.get("attention_bias"):
-        _fail(
-            "attention_bias",
+        fail(
+            "config.json attention_bias",
             f"{family} puts a bias on o_proj as well as q/k/v; the decoder has q/k/v biases only "
             "(Qwen2's layout).",
         )
     if cj.get("hidden_act", "silu") not in ("silu", "swish"):
-        _fail("hidden_act", f"{cj['hidden_act']!r}; only the SwiGLU MLP (silu) is supported.")
+        fail(
+            "config.json hidden_act",
+            f"{cj['hidden_act']!r}; only the SwiGLU MLP (silu) is supported.",
+        )
     try:
         hidden, heads = int(cj["hidden_size"]), int(cj["num_attention_heads"])
         n_layers, mlp = int(cj["num_hidden_layers"]), int(cj["intermediate_size"])
         vocab, max_pos = int(cj["vocab_size"]), int(cj["max_position_embeddings"])
     except KeyError as e:
-        _fail(str(e.args[0]), "is missing; a Llama-family config.json always has it.")
+        fail(f"config.json {e.args[0]}", "is missing; a Llama-family config.json always has it.")
     head_dim = int(cj.get("head_dim") or hidden // heads)
     rope = rope_from_hf_config(cj)
     local_rope: dict[str, Any] = {}
@@ -161,7 +170,7 @@ def config_from_hf(
                 block.get("rope_type", "default") not in HF_ROPE_TYPES
                 or getattr(scaling, "partial_rotary_factor", 1.0) != 1.0
             ):
-                _fail(key, f"{block} is not computed by {family}'s modelling code.")
+                fail(f"config.json {key}", f"{block} is not computed by {family}'s modelling code.")
     types, window = _layer_types(cj, family, n_layers)
     fields = dict(
         vocab_size=vocab, d_model=hidden, n_layers=n_layers, n_heads=heads,

@@ -22,9 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-
-def _fail(key: str, message: str) -> None:
-    raise ValueError(f"{key}: {message}")
+from ctxext_jax.errors import fail
 
 
 def _plain(rope: Any, key: str) -> dict[str, Any]:
@@ -32,33 +30,33 @@ def _plain(rope: Any, key: str) -> dict[str, Any]:
     if hasattr(rope, "to_dict"):
         rope = rope.to_dict()
     if not isinstance(rope, Mapping):
-        _fail(key, f"expected a dict of Hugging Face rope keys, got {type(rope).__name__}")
+        fail(key, f"expected a dict of Hugging Face rope keys, got {type(rope).__name__}")
     return {k: v for k, v in rope.items() if v is not None}
 
 
 def _to_float(value: Any, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        _fail(key, f"expected a number, got {value!r}; fix: give a float")
+        fail(key, f"expected a number, got {value!r}; fix: give a float")
     if not math.isfinite(value):
-        _fail(key, f"expected a finite number, got {value!r}")
+        fail(key, f"expected a finite number, got {value!r}")
     return float(value)
 
 
 def _to_int(value: Any, key: str) -> int:
     if _to_float(value, key) != int(value):
-        _fail(key, f"expected an integer, got {value!r}; fix: give a positive int")
+        fail(key, f"expected an integer, got {value!r}; fix: give a positive int")
     return int(value)
 
 
 def _to_bool(value: Any, key: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
-        _fail(key, f"expected true or false, got {value!r}")
+        fail(key, f"expected true or false, got {value!r}")
     return bool(value)
 
 
 def _to_floats(value: Any, key: str) -> tuple[float, ...]:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        _fail(key, f"expected a list of numbers, got {value!r}")
+        fail(key, f"expected a list of numbers, got {value!r}")
     return tuple(_to_float(v, f"{key}[{i}]") for i, v in enumerate(value))
 
 
@@ -101,14 +99,14 @@ class RopeScaling(abc.ABC):
         values = _plain(block, key)
         type_names = {values.pop(k) for k in ("type", "rope_type") if k in values}
         if len(type_names) > 1:
-            _fail(f"{key}.rope_type", f"'type' and 'rope_type' disagree: {sorted(type_names)}")
+            fail(f"{key}.rope_type", f"'type' and 'rope_type' disagree: {sorted(type_names)}")
         default_type = "default" if cls is RopeScaling else cls.rope_type
         rope_type = type_names.pop() if type_names else default_type
         if rope_type not in REGISTRY:
-            _fail(f"{key}.rope_type", f"unknown {rope_type!r}; choose one of {sorted(REGISTRY)}")
+            fail(f"{key}.rope_type", f"unknown {rope_type!r}; choose one of {sorted(REGISTRY)}")
         target = REGISTRY[rope_type]
         if cls is not RopeScaling and target is not cls:
-            _fail(f"{key}.rope_type", f"{cls.__name__} parses {cls.rope_type!r}, got {rope_type!r}")
+            fail(f"{key}.rope_type", f"{cls.__name__} parses {cls.rope_type!r}, got {rope_type!r}")
         if rope_theta is not None:
             values.setdefault("rope_theta", rope_theta)
         if partial_rotary_factor is not None:
@@ -120,7 +118,7 @@ class RopeScaling(abc.ABC):
         for name in sorted(set(values) - set(allowed)):
             close = difflib.get_close_matches(name, allowed, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            _fail(
+            fail(
                 f"{key}.{name}",
                 f"unknown key for rope_type {rope_type!r}; {hint}allowed keys: {sorted(allowed)}",
             )
@@ -132,7 +130,7 @@ class RopeScaling(abc.ABC):
                     values[field.name], field_key
                 )
             elif field.default is dataclasses.MISSING:
-                _fail(field_key, f"required for rope_type {rope_type!r}; fix: set {field_key}")
+                fail(field_key, f"required for rope_type {rope_type!r}; fix: set {field_key}")
         scaling = target(**kwargs)
         scaling.check(key=key, head_dim=head_dim)
         return scaling
@@ -189,16 +187,16 @@ class Default(RopeScaling):
 
     def check(self, *, key: str, head_dim: int | None = None) -> None:
         if self.rope_theta <= 1.0:
-            _fail(f"{key}.rope_theta", f"got {self.rope_theta}, must be > 1 (e.g. 10000.0)")
+            fail(f"{key}.rope_theta", f"got {self.rope_theta}, must be > 1 (e.g. 10000.0)")
         if not 0.0 < self.partial_rotary_factor <= 1.0:
-            _fail(
+            fail(
                 f"{key}.partial_rotary_factor",
                 f"got {self.partial_rotary_factor}, must be in (0, 1]",
             )
         if head_dim is not None:
             dim = self.rotary_dim(head_dim)
             if dim < 2 or dim % 2:
-                _fail(
+                fail(
                     f"{key}.partial_rotary_factor",
                     f"rotary dim int({head_dim} * {self.partial_rotary_factor}) = {dim} must be "
                     "even and >= 2; fix: pick a factor giving an even number of rotary dims",
@@ -207,7 +205,7 @@ class Default(RopeScaling):
 
 def _check_factor(factor: float | None, key: str) -> None:
     if factor is not None and factor < 1.0:
-        _fail(
+        fail(
             f"{key}.factor",
             f"got {factor}, must be >= 1 (it is the context-extension ratio); "
             f"fix: set {key}.factor to new_length / trained_length, e.g. 4.0",
@@ -216,12 +214,12 @@ def _check_factor(factor: float | None, key: str) -> None:
 
 def _check_original(value: int, key: str) -> None:
     if value < 1:
-        _fail(f"{key}.original_max_position_embeddings", f"got {value}, must be >= 1")
+        fail(f"{key}.original_max_position_embeddings", f"got {value}, must be >= 1")
 
 
 def _check_attention_factor(value: float | None, key: str) -> None:
     if value is not None and value <= 0.0:
-        _fail(f"{key}.attention_factor", f"got {value}, must be > 0 (or unset for the default)")
+        fail(f"{key}.attention_factor", f"got {value}, must be > 0 (or unset for the default)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -328,9 +326,9 @@ class _YarnFields(Default):
         _check_original(self.original_max_position_embeddings, key)
         _check_attention_factor(self.attention_factor, key)
         if self.beta_slow <= 0:
-            _fail(f"{key}.beta_slow", f"got {self.beta_slow}, must be > 0 (default 1)")
+            fail(f"{key}.beta_slow", f"got {self.beta_slow}, must be > 0 (default 1)")
         if self.beta_fast < self.beta_slow:
-            _fail(
+            fail(
                 f"{key}.beta_fast",
                 f"got {self.beta_fast} < beta_slow={self.beta_slow}; fix: beta_fast >= beta_slow "
                 "(defaults 32 and 1)",
@@ -400,9 +398,9 @@ class Llama3(Default):
         _check_factor(self.factor, key)
         _check_original(self.original_max_position_embeddings, key)
         if self.low_freq_factor <= 0:
-            _fail(f"{key}.low_freq_factor", f"got {self.low_freq_factor}, must be > 0 (e.g. 1.0)")
+            fail(f"{key}.low_freq_factor", f"got {self.low_freq_factor}, must be > 0 (e.g. 1.0)")
         if self.high_freq_factor <= self.low_freq_factor:
-            _fail(
+            fail(
                 f"{key}.high_freq_factor",
                 f"got {self.high_freq_factor}, must be > low_freq_factor={self.low_freq_factor}",
             )
@@ -447,11 +445,11 @@ class LongRoPE(Default):
             expected = None if head_dim is None else self.rotary_dim(head_dim) // 2
             if not values or (expected is not None and len(values) != expected):
                 want = "non-empty" if expected is None else f"of length rotary_dim/2 = {expected}"
-                _fail(f"{key}.{name}", f"has {len(values)} entries, must be {want}")
+                fail(f"{key}.{name}", f"has {len(values)} entries, must be {want}")
             if min(values) <= 0:
-                _fail(f"{key}.{name}", f"entries must be > 0, got min {min(values)}")
+                fail(f"{key}.{name}", f"entries must be > 0, got min {min(values)}")
         if len(self.short_factor) != len(self.long_factor):
-            _fail(
+            fail(
                 f"{key}.long_factor",
                 f"has {len(self.long_factor)} entries but short_factor has "
                 f"{len(self.short_factor)}; both are one per rotary frequency",
@@ -482,7 +480,7 @@ class Proportional(Default):
             dataclasses.replace(self, partial_rotary_factor=1.0), key=key, head_dim=head_dim
         )
         if not 0.0 <= self.partial_rotary_factor <= 1.0:
-            _fail(
+            fail(
                 f"{key}.partial_rotary_factor",
                 f"got {self.partial_rotary_factor}, must be in [0, 1]",
             )
