@@ -150,8 +150,13 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(D, cfg, axes=("head_dim",))
             self.k_norm = RMSNorm(D, cfg, axes=("head_dim",))
 
-    def __call__(self, x, positions, segment_ids):
-        """x: [B, T, E]; positions, segment_ids: [B, T] -> [B, T, E]."""
+    def __call__(self, x, positions, segment_ids, *, cache=None, step=None):
+        """x: [B, T, E]; positions, segment_ids: [B, T] -> [B, T, E].
+
+        Decoding passes this layer's KV `cache` and the `step` describing the new tokens
+        (ctxext_jax.decode.cache; positions and segment_ids are then unused) and gets
+        ([B, T, E], the updated cache) back.
+        """
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         q = jnp.einsum("BTE,EHD->BTHD", x, self.wq[...].astype(dtype))
         k = jnp.einsum("BTE,EKD->BTKD", x, self.wk[...].astype(dtype))
@@ -164,6 +169,12 @@ class Attention(nnx.Module):
             )
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        if cache is not None:
+            # Imported here: the decode package builds on this module.
+            from ctxext_jax.decode.cache import cached_attention
+
+            out, cache = cached_attention(q, k, v, cache, step, cfg=cfg, kind=self.kind)
+            return jnp.einsum("BTHD,HDE->BTE", out, self.wo[...].astype(dtype)), cache
         inv_freq, attention_factor = rope_frequencies(
             self.cfg.rope_for(self.kind),
             cfg.head_dim,
@@ -220,6 +231,13 @@ class Block(nnx.Module):
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("batch", "length", "activation_embed"))
 
+    def decode(self, x, step, cache):
+        """The block over new tokens with this layer's KV cache: -> (x, cache)."""
+        h, cache = self.attn(self.attn_norm(x), None, None, cache=cache, step=step)
+        x = x + h
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("batch", "length", "activation_embed")), cache
+
 
 class Group(nnx.Module):
     """One repeat of the layer pattern; the unit that scan-over-layers stacks."""
@@ -231,6 +249,14 @@ class Group(nnx.Module):
         for block in self.blocks:
             x = block(x, positions, segment_ids)
         return x
+
+    def decode(self, x, step, caches):
+        """caches: one per block, in order -> (x, updated caches)."""
+        new = []
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x, cache = block.decode(x, step, cache)
+            new.append(cache)
+        return x, new
 
 
 class Decoder(nnx.Module):
@@ -255,22 +281,50 @@ class Decoder(nnx.Module):
             self.head = _param(rngs, (E, V), ("embed", "vocab"), std=cfg.init_std, cfg=cfg)
 
     def __call__(self, tokens, *, positions=None, segment_ids=None):
-        cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         B, T = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
+        x = self._embed(tokens)
+        x = self._run_layers(x, positions, segment_ids)
+        return self.logits(self.final_norm(x))
+
+    def decode(self, tokens, step, caches):
+        """Runs new tokens [B, T] against the KV caches (ctxext_jax.decode.cache).
+
+        caches: one per layer of the pattern group, each stacked over the R repeats when layers
+        are scanned; one per layer otherwise. Returns (final-normed hidden [B, T, E], caches);
+        `logits` maps hidden states to float32 logits.
+        """
+        x = self._embed(tokens)
+        if self.cfg.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+
+            def body(h, state_and_caches):
+                layer_state, layer_caches = state_and_caches
+                return nnx.merge(graphdef, layer_state).decode(h, step, layer_caches)
+
+            x, caches = jax.lax.scan(body, x, (state, caches))
+        else:
+            x, caches = self.layers.decode(x, step, caches)
+        return self.final_norm(x), caches
+
+    def _embed(self, tokens):
         # Gather from the vocab-sharded table with its embed dim whole (FSDP gathers every
         # weight anyway): the lookup then shards like the tokens, with no resharding.
         table = constrain(self.embed[...], ("vocab", None))
-        x = jnp.take(table, tokens, axis=0).astype(dtype)
-        x = constrain(x, ("batch", "length", "activation_embed"))
-        x = self._run_layers(x, positions, segment_ids)
-        x = self.final_norm(x)
-        head = self.embed[...].T if cfg.tie_embeddings else self.head[...]
-        logits = jnp.einsum("BTE,EV->BTV", x, head.astype(dtype)).astype(jnp.float32)
-        return constrain(logits, ("batch", "length", "activation_vocab"))
+        x = jnp.take(table, tokens, axis=0).astype(jnp.dtype(self.cfg.dtype))
+        return constrain(x, ("batch", "length", "activation_embed"))
+
+    def logits(self, x):
+        """Final-normed hidden [..., E] -> float32 logits [..., V]."""
+        dtype = jnp.dtype(self.cfg.dtype)
+        head = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
+        logits = jnp.einsum("...E,EV->...V", x, head.astype(dtype)).astype(jnp.float32)
+        if logits.ndim == 3:
+            logits = constrain(logits, ("batch", "length", "activation_vocab"))
+        return logits
 
     def _run_layers(self, x, positions, segment_ids):
         def pure(module):

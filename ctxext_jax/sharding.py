@@ -37,7 +37,11 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("vocab", ("tensor",)),
     ("head_dim", ()),
     ("norm", ()),
-    ("cache_length", ()),
+    # KV caches (ctxext_jax.decode): [batch, cache slots, kv heads, head dim].
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_sequence", ("sequence",)),
+    ("cache_kv_heads", ("tensor",)),
+    ("cache_head_dim", ()),
 )
 
 

@@ -72,16 +72,18 @@ def apply_rope(
     positions: jax.Array,
     *,
     inv_freq: np.ndarray | jax.Array,
-    attention_factor: float = 1.0,
+    attention_factor: float | jax.Array = 1.0,
     interleaved: bool = False,
 ) -> jax.Array:
     """Rotates the first R = 2 * len(inv_freq) dims of each head; the rest pass through.
 
-    x: [B, T, N, D]; positions: [B, T] int; inv_freq: [R/2]. Half layout (Hugging Face) pairs
-    dim i with i + R/2; interleaved layout (Meta, complex) pairs 2i with 2i+1. cos/sin are
-    computed in float32, multiplied by attention_factor, then cast to x.dtype, as transformers.
+    x: [B, T, N, D]; positions: [B, T] int; inv_freq: [R/2], or [B, 1, R/2] with
+    attention_factor [B, 1, 1] for per-row frequencies (decoding rows of different lengths under
+    a length-dependent rope). Half layout (Hugging Face) pairs dim i with i + R/2; interleaved
+    layout (Meta, complex) pairs 2i with 2i+1. cos/sin are computed in float32, multiplied by
+    attention_factor, then cast to x.dtype, as transformers.
     """
-    half = int(np.shape(inv_freq)[0])
+    half = int(np.shape(inv_freq)[-1])
     if half == 0:
         return x
     if positions.ndim != 2:
