@@ -20,10 +20,10 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-import grain
 import orbax.checkpoint as ocp
 from etils import epath
 
+from ctxext_jax.data.streams import StreamCheckpointHandler, StreamRestore, StreamSave
 from ctxext_jax.errors import fail
 
 ITEMS = ("params", "opt_state", "data", "config", "model")
@@ -35,8 +35,7 @@ def handler_registry(items: tuple[str, ...]) -> ocp.handlers.DefaultCheckpointHa
         "params": (ocp.StandardCheckpointHandler, ocp.args.StandardSave, ocp.args.StandardRestore),
         "opt_state": (ocp.StandardCheckpointHandler, ocp.args.StandardSave,
                       ocp.args.StandardRestore),
-        "data": (grain.checkpoint.CheckpointHandler, grain.checkpoint.CheckpointSave,
-                 grain.checkpoint.CheckpointRestore),
+        "data": (StreamCheckpointHandler, StreamSave, StreamRestore),
         "config": (ocp.JsonCheckpointHandler, ocp.args.JsonSave, ocp.args.JsonRestore),
         "model": (ocp.JsonCheckpointHandler, ocp.args.JsonSave, ocp.args.JsonRestore),
     }  # fmt: skip
@@ -234,7 +233,7 @@ class Checkpointer:
                 opt_state=ocp.args.StandardSave(
                     {"step": state["step"], "opt_state": state["opt_state"]}
                 ),
-                data=grain.checkpoint.CheckpointSave(data_iterator),
+                data=StreamSave(data_iterator),
                 config=ocp.args.JsonSave(json.loads(config_json)),
                 model=ocp.args.JsonSave(json.loads(model_json)),
             ),
@@ -260,7 +259,7 @@ class Checkpointer:
                                 "opt_state": abstract_state["opt_state"],
                             }
                         ),
-                        data=grain.checkpoint.CheckpointRestore(data_iterator),
+                        data=StreamRestore(data_iterator),
                     ),
                 )
         except Exception as e:  # orbax/tensorstore raise many types for a damaged step

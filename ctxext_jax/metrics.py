@@ -65,6 +65,24 @@ class MetricsWriter:
             os.makedirs(workdir, exist_ok=True)
             self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
+    def drop_after(self, step: int) -> None:
+        """Removes rows past `step` (a resumed run repeats the steps after its checkpoint)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = f.readlines()
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut off by a kill
+        if len(kept) != len(lines):
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
+
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return

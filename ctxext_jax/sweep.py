@@ -207,6 +207,7 @@ class Plan:
     def __init__(self, config_spec: str, root: str, overrides: Sequence[str], *,
                  num_devices: int | None = None):  # fmt: skip
         from ctxext_jax.config import validate
+        from ctxext_jax.train import preflight
 
         module, arg = load_config_module(config_spec)
         if not hasattr(module, "get_sweep"):
@@ -236,14 +237,21 @@ class Plan:
                 raise ValueError(f"get_sweep points {seen[key]} and {i} are the same: {p}.")
             seen[key] = i
         self.configs = []
-        errors = []
+        errors, checked = [], set()
         for name, point in builtins.zip(self.names, self.points, strict=True):
             config = _call(module.get_config, arg)
             try:
                 apply_overrides(config, {k: _cli_value(config, k, v) for k, v in self.cli})
                 apply_overrides(config, point)
                 validate(config, num_devices=num_devices)
-            except ValueError as e:
+                # The file checks (data, tokenizer, init_from), once per distinct setting.
+                reads = [config.data.to_dict(), config.model.vocab_size,
+                         config.checkpoint.init_from]  # fmt: skip
+                reads = json.dumps(reads, sort_keys=True, default=str)
+                if reads not in checked:
+                    preflight(config)
+                    checked.add(reads)
+            except (ValueError, FileNotFoundError) as e:
                 errors.append(f"  {name}: {e}")
             self.configs.append(config)
         if errors:
@@ -292,14 +300,16 @@ def print_commands(plan: Plan, kind: str) -> str:
         "#SBATCH --ntasks-per-node=8",
         "#SBATCH --gpus-per-node=8",
         "#SBATCH --requeue",
-        "#SBATCH --signal=B:TERM@120",
+        "#SBATCH --signal=B:TERM@300",
+        "#SBATCH --open-mode=append",
         "#SBATCH --output=%x-%A_%a.out",
         "set -euo pipefail",
         "points=(",
         *(f"  {shlex.quote(shlex.join(c[3:]))}" for c in commands),
         ")",
         'eval "args=(${points[$SLURM_ARRAY_TASK_ID]})"',
-        'srun --kill-on-bad-exit=1 python -m ctxext_jax.train --distributed=yes "${args[@]}"',
+        "# One process per GPU, coordinator from the allocation, requeue on SIGTERM:",
+        'exec bash launch/slurm.sbatch "${args[@]}"',
     ]
     return "\n".join(lines)
 

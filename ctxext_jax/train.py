@@ -10,6 +10,7 @@ Restarting the same command resumes from the latest checkpoint in `workdir`.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -20,6 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from ctxext_jax import checkpoint, data, hf, sharding
@@ -118,6 +120,35 @@ def evaluate_loss(program: Program, params, data_cfg, eval_cfg, seq_len: int) ->
     return {"eval_loss": loss, "eval_perplexity": perplexity(loss), "eval_tokens": count}
 
 
+class Preemption:
+    """SIGTERM (what Cloud TPU, SLURM and Kubernetes send) or SIGINT asks the run to stop: the
+    trainer finishes the step, saves it on every host and exits 0. With several processes, JAX's
+    preemption sync manager (started by `jax.distributed.initialize`) catches SIGTERM itself and
+    picks the step every host stops at (`reached_preemption_sync_point`); SIGINT is turned into
+    a SIGTERM to take the same path. One process stops after the step it is in."""
+
+    def __init__(self):
+        self.multiprocess = jax.process_count() > 1
+        self.requested = False
+        signals = [signal.SIGINT] if self.multiprocess else [signal.SIGTERM, signal.SIGINT]
+        self.previous = {s: signal.signal(s, self._handle) for s in signals}
+
+    def _handle(self, signum, frame):
+        if self.multiprocess:
+            os.kill(os.getpid(), signal.SIGTERM)  # to the sync manager's handler
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        """True at the step where every host stops (call it at every step, on every host)."""
+        if self.multiprocess:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+    def close(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
 def make_workdir(workdir: str) -> None:
     """Creates `workdir`, or raises ValueError saying why it cannot be one."""
     if "://" in workdir:
@@ -202,9 +233,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ----------------------------------------------------------------------- data
     data_cfg = data.DataConfig.from_config(config.data)
     tokenizer = data.make_tokenizer(data_cfg.tokenizer)
-    train_iter = data.train_iterator(
+    train_iter = data.global_train_iterator(
         data_cfg, global_batch_size=t.batch_size, seq_len=seq_len, seed=config.data.seed,
-        shard_index=jax.process_index(), shard_count=jax.process_count(),
+        process_index=jax.process_index(), process_count=jax.process_count(),
     )  # fmt: skip
 
     # ----------------------------------------------------------------------- model, shard, step
@@ -223,6 +254,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ----------------------------------------------------------------------- loop
     writer = MetricsWriter(workdir)
+    writer.drop_after(start_step)  # rows a killed run logged past its last checkpoint
+    preemption = Preemption()
     peak, peak_source = peak_flops_per_device()
     flops_token = flops_per_token(model_cfg, seq_len)
     if start_step == 0:
@@ -260,14 +293,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 writer.write(step, evals)
                 final.update(evals)
                 last_time, last_step = time.perf_counter(), step
+            preempted = preemption.reached(step)  # on every host, at every step
             ckpt.save(step, state, train_iter, config_json=config.to_json_best_effort(),
-                      model_json=model_cfg.to_json(), force=step == t.steps)  # fmt: skip
-            if ckpt.reached_preemption(step):
-                print(f"preempted: saved step {step}; rerun the same command to resume",
-                      flush=True)  # fmt: skip
+                      model_json=model_cfg.to_json(),
+                      force=step == t.steps or preempted)  # fmt: skip
+            if preempted:
+                if jax.process_index() == 0:
+                    print(f"preempted: saving step {step}; rerun the same command to resume",
+                          flush=True)  # fmt: skip
                 break
     finally:
-        ckpt.close()
+        ckpt.close()  # waits for the last save
+        preemption.close()
         writer.close()
     return final
 

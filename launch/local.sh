@@ -21,6 +21,17 @@ for ((i = 0; i < n; i++)); do
     --num_processes="$n" --process_id="$i" &
   pids+=($!)
 done
+# A preemption notice (SIGTERM) or Ctrl-C reaches every process: they agree on a step, save
+# it and exit 0; the same command resumes.
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM INT
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+for pid in "${pids[@]}"; do
+  while true; do
+    wait "$pid" && break
+    code=$?
+    kill -0 "$pid" 2>/dev/null && continue  # `wait` returned for the trap; the process runs on
+    status=$code
+    break
+  done
+done
 exit $status

@@ -10,6 +10,7 @@ from ctxext_jax.data.pipeline import (
     train_iterator,
 )
 from ctxext_jax.data.preflight import preflight
+from ctxext_jax.data.streams import global_train_iterator
 from ctxext_jax.data.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
@@ -28,6 +29,7 @@ __all__ = [
     "dataset_info",
     "eval_batches",
     "eval_documents",
+    "global_train_iterator",
     "make_tokenizer",
     "preflight",
     "train_iterator",
