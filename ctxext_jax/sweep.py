@@ -178,6 +178,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Point) -> None
     """Sets each dotted key (raising ValueError naming an unknown key or a wrong type)."""
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
+        if ".".join(parents) in ROPE_FIELDS:  # a rope block takes any HF key, as on the CLI
+            block = _get(config, ".".join(parents))
+            block = block.to_dict() if isinstance(block, ml_collections.ConfigDict) else {}
+            config.model[parents[1]] = {**block, leaf: value}
+            continue
         try:
             node = _get(config, ".".join(parents)) if parents else config
             if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
@@ -192,12 +197,18 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Point) -> None
             raise ValueError(f"{key}={value!r}: {e}") from None
 
 
-def command_value(value: Any) -> str:
-    """A point's value as a `--config.key=` argument ml_collections parses back to it."""
-    if isinstance(value, str):
-        return value
+ROPE_FIELDS = ("model.rope", "model.local_rope")
+
+
+def command_value(key: str, value: Any) -> str:
+    """A point's value as a `--config.key=` argument the trainer parses back to it: rope blocks
+    and their fields as JSON (`ctxext_jax.cli`), other fields as Python literals."""
     if isinstance(value, ml_collections.ConfigDict):
         value = value.to_dict()
+    if isinstance(value, str):
+        return value
+    if key in ROPE_FIELDS or key.rpartition(".")[0] in ROPE_FIELDS:
+        return json.dumps(value)
     return repr(value)
 
 
@@ -268,7 +279,7 @@ class Plan:
             python, "-m", "ctxext_jax.train", "--config", self.config_spec,
             "--workdir", self.workdir(i),
             *(f"--config.{k}={v}" for k, v in self.cli),
-            *(f"--config.{k}={command_value(v)}" for k, v in self.points[i].items()),
+            *(f"--config.{k}={command_value(k, v)}" for k, v in self.points[i].items()),
         ]  # fmt: skip
 
     def status(self, i: int) -> str:
@@ -483,7 +494,13 @@ def write_summary(plan: Plan, failures: dict[int, int] | None = None) -> list[st
         fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 0.4 * len(points) + 1.5),
                                  squeeze=False)  # fmt: skip
         for ax, (key, label) in builtins.zip(axes[0], shown, strict=True):
-            ax.barh([p["name"] for p in points], [p.get(key, math.nan) for p in points])
+            values = [p.get(key, math.nan) for p in points]
+            bars = ax.barh([p["name"] for p in points], values)
+            ax.bar_label(bars, fmt="%.4g", padding=2, fontsize=8)
+            finite = [v for v in values if math.isfinite(v)]
+            if finite and key != "tokens_per_sec":  # losses differ in the decimals: zoom in
+                low, high = min(finite), max(finite)
+                ax.set_xlim(max(0.0, low - 0.5 * (high - low) - 0.05 * high), high * 1.15)
             ax.set_title(label)
             ax.invert_yaxis()
             if ax is not axes[0][0]:

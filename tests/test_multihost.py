@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,8 +115,9 @@ def _stop_step(out):
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    """One process (this one, 8 devices): SIGTERM once step 2 is logged, then the same run
-    again. -> (workdir, stop step, first output, second output)."""
+    """One process (this one, 8 devices): SIGTERM once step 2 is logged, then (with the debris
+    of an interrupted later save planted) the same run again.
+    -> (workdir, stop step, first output, second output)."""
     workdir = tmp_path_factory.mktemp("one")
 
     def notify():
@@ -125,10 +127,16 @@ def one_process(tmp_path_factory):
 
     threading.Thread(target=notify, daemon=True).start()
     outputs = []
-    for _ in range(2):
+    for attempt in range(2):
         with contextlib.redirect_stdout(io.StringIO()) as out:
             train_and_evaluate(_config(), str(workdir))
         outputs.append(out.getvalue())
+        if attempt == 0:  # what a kill -9 in the middle of a later save leaves behind
+            stop = _stop_step(outputs[0])
+            partial = workdir / "checkpoints" / f"{STEPS}.orbax-checkpoint-tmp-1700000000"
+            shutil.copytree(workdir / "checkpoints" / str(stop), partial)
+            for item in ("params", "opt_state"):
+                shutil.rmtree(partial / item)
     return workdir, _stop_step(outputs[0]), *outputs
 
 
@@ -136,7 +144,7 @@ def test_sigterm_saves_the_step_and_the_same_command_resumes(one_process):
     workdir, stop, _, resumed = one_process
     assert 2 <= stop < STEPS and (workdir / "checkpoints" / str(stop)).is_dir()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
-    assert f"resumed from step {stop}" in resumed
+    assert f"resumed from step {stop}" in resumed  # not from the half-written save
     _losses(workdir)  # every step logged once
 
 

@@ -84,7 +84,7 @@ def test_print_emits_per_point_commands(tmp_path):
     args = shlex.split(local[5])
     assert args[:3] == ["python", "-m", "ctxext_jax.train"]
     assert "--config.model.alibi=True" in args and "--config.train.steps=3" in args
-    assert "--config.model.rope={'rope_type': 'nope'}" in args
+    assert '--config.model.rope={"rope_type": "nope"}' in args
     script = sweep.print_commands(plan, "slurm")
     assert "#SBATCH --array=0-5" in script and "#SBATCH --requeue" in script
     assert 'exec bash launch/slurm.sbatch "${args[@]}"' in script
