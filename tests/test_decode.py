@@ -83,13 +83,14 @@ VARIANTS = {
     "G+L+C": dict(MASKS),
     "G+L+C-unscanned": dict(MASKS, scan_layers=False),
     "alibi+nope": dict(MASKS, alibi=True, rope=_rope(rope_type="nope")),
+    "blockwise": dict(MASKS, attention_impl="blockwise"),  # the long-context kernel
 }
 
 
 @pytest.mark.parametrize(
     "variant, chunk",
-    [("G+L+C", 0), ("G+L+C", 3), ("G+L+C-unscanned", 3), ("alibi+nope", 3)],
-    ids=["one-shot", "chunked", "unscanned-chunked", "alibi+nope-chunked"],
+    [("G+L+C", 0), ("G+L+C", 3), ("G+L+C-unscanned", 3), ("alibi+nope", 3), ("blockwise", 3)],
+    ids=["one-shot", "chunked", "unscanned-chunked", "alibi+nope-chunked", "blockwise-chunked"],
 )
 def test_cached_decode_equals_full_forward(variant, chunk):
     model = _model(**VARIANTS[variant])
