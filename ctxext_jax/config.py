@@ -266,3 +266,10 @@ def _validate_data(config) -> None:
         fail(
             "data.files", "dataset 'files' needs a glob of .txt / .jsonl files, e.g. 'docs/*.txt'."
         )
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    """This module as a config file: the schema defaults, for CLIs whose checkpoint supplies
+    the model (generate's --config default, so --config.mesh.* works without a file)."""
+    del arg
+    return defaults()

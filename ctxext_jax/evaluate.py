@@ -26,7 +26,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ctxext_jax import data, restore, sharding
+from ctxext_jax import data, decode, restore, sharding
 from ctxext_jax.cli import exit_on_user_error, parse_flags
 from ctxext_jax.evals.report import compare_runs, write_report
 from ctxext_jax.evals.retrieval import VARIANTS
@@ -55,9 +55,13 @@ def evaluate(
     name: str | None = None,
     blockwise_above: int = 2048,
     progress: bool = True,
+    generate: bool = False,
+    rope_decode: str = "hf",
 ) -> dict:
     """Runs the suite on the checkpoint and writes W/eval/{report.md, results.json, *.png}.
-    options=None evaluates at 1, 2, 4 and 8 times the trained length."""
+    options=None evaluates at 1, 2, 4 and 8 times the trained length. generate=True scores
+    passkey and needles by greedy generation through the KV cache (`--decode`) instead of
+    teacher forcing; rope_decode is its mode for the length-dependent rope types."""
     resolved = restore.resolve(config, checkpoint_path)
     model_cfg, trained_length = resolved.model_cfg, resolved.trained_length
     if options is None:
@@ -85,7 +89,23 @@ def evaluate(
             applies[impl], params, batch_sharding=batch_sharding, pad_id=tokenizer.pad_id
         )
 
-    results = run_suite(scorer_for, tokenizer, data_cfg, options, progress=progress)
+    def generator_for(length: int):
+        def generator(prompts, max_new_tokens):
+            out = decode.generate(model, [p.tolist() for p in prompts],
+                                  max_new_tokens=max_new_tokens, ignore_eos=True,
+                                  rope_decode=rope_decode, mesh=mesh, rules=rules)  # fmt: skip
+            return out.new_ids
+
+        return generator
+
+    results = run_suite(
+        scorer_for,
+        tokenizer,
+        data_cfg,
+        options,
+        progress=progress,
+        generator_for=generator_for if generate else None,
+    )
     results.update(
         name=name or os.path.basename(os.path.normpath(workdir)),
         checkpoint=os.path.abspath(checkpoint_path),
@@ -97,6 +117,9 @@ def evaluate(
         data={k: data_fields[k] for k in ("dataset", "eval_split", "tokenizer")},
         options=dataclasses.asdict(options),
         attention_impl={str(n): impls[n] for n in options.lengths},
+        retrieval_scoring=f"generation (rope_decode={rope_decode})"
+        if generate
+        else "teacher forcing",
         devices=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
     )
     if jax.process_index() == 0:
@@ -129,6 +152,12 @@ def define_flags() -> None:
         "blockwise_above", 2048, "attention_impl=xla switches to blockwise for longer windows."
     )
     flags.DEFINE_integer("seed", 0, "Seed of passkeys, needles and haystack offsets.")
+    flags.DEFINE_bool(
+        "decode", False, "Score passkey and needles by greedy generation through the KV cache."
+    )
+    flags.DEFINE_enum(
+        "rope_decode", "hf", ["hf", "consistent"], "With --decode: dynamic rope types' mode."
+    )
     flags.DEFINE_list("compare", None, "Eval workdirs (W1,W2 or W1 W2) for one table and plots.")
 
 
@@ -180,6 +209,8 @@ def main(argv):
                 _options(),
                 name=f.name,
                 blockwise_above=f.blockwise_above,
+                generate=f.decode,
+                rope_decode=f.rope_decode,
             )
             written = ["report.md", "results.json", "*.png"]
         print(f"wrote {', '.join(written)} to {os.path.join(f.workdir, 'eval')}", flush=True)

@@ -143,6 +143,8 @@ def markdown(results: dict, plots: Sequence[str]) -> str:
         f"- data: `{results['data']['dataset']}` split `{results['data']['eval_split']}`, "
         f"tokenizer `{results['data']['tokenizer']}`",
         f"- attention backend per length: `{json.dumps(results['attention_impl'])}`",
+        "- passkey and needle answers scored by "
+        f"{results.get('retrieval_scoring', 'teacher forcing')}",
         f"- wall time (s, with compilation): `{json.dumps(results['timings_s'])}`",
         "",
     ]

@@ -8,7 +8,9 @@ d = 1: right before the question). Several inserts are placed at their own depth
 Scoring is exact greedy match of the answer tokens, computed by teacher forcing: the prompt
 plus all answer tokens but the last go through one forward pass, and the answer counts as
 retrieved iff the argmax at each answer position is the next answer token (the same verdict
-greedy decoding of len(answer) tokens gives, in one forward pass). The answer's tokens are
+greedy decoding of len(answer) tokens gives, in one forward pass). With a `generator` the
+grids score by real generation instead: greedy decoding through the KV cache, the answer
+retrieved iff the generated tokens begin with it (`evaluate --decode`). The answer's tokens are
 those the tokenizer gives it as a continuation of the question (" 12345" after "... is").
 
 Needle variants, all on real text from the eval split as the haystack (documents joined
@@ -24,7 +26,7 @@ without separators, read cyclically from a seeded offset per trial):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -69,6 +71,9 @@ NAMES = (
     "juniper",
 )
 VARIANTS = ("single", "multi", "distractor")
+
+# generator(prompts: list of int32 [L], max_new_tokens) -> the greedy new tokens of each prompt
+Generator = Callable[[list[np.ndarray], int], list[list[int]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +259,49 @@ def exact_matches(
     return out
 
 
+def generated_matches(
+    generator: Generator,
+    rows: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    batch_tokens: int,
+    progress: Progress | None = None,
+    note: str = "",
+) -> np.ndarray:
+    """rows: (prompt [L], answer [n]) -> bool [R]: greedy generation after the prompt begins
+    with the answer. Rows sharing a prompt (a distractor trial's target and distractors, in
+    consecutive rows) generate once, as many tokens as their longest answer."""
+    groups: list[list[int]] = []
+    for r, (prompt, _) in enumerate(rows):
+        if groups and rows[groups[-1][0]][0] is prompt:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    new_tokens = max(len(a) for _, a in rows)
+    per_batch = max(1, batch_tokens // (max(len(p) for p, _ in rows) + new_tokens))
+    out = np.zeros(len(rows), bool)
+    for start in range(0, len(groups), per_batch):
+        chunk = groups[start : start + per_batch]
+        generated = generator([rows[g[0]][0] for g in chunk], new_tokens)
+        for group, tokens in zip(chunk, generated, strict=True):
+            for r in group:
+                answer = rows[r][1]
+                out[r] = list(tokens[: len(answer)]) == answer.tolist()
+        if progress is not None:
+            progress.advance(sum(len(rows[r][0]) + len(rows[r][1]) - 1 for g in chunk
+                                 for r in g), note)  # fmt: skip
+    return out
+
+
+def _matches(scorer, generator, rows, *, pad_id, batch_tokens, progress, note) -> np.ndarray:
+    if generator is not None:
+        return generated_matches(
+            generator, rows, batch_tokens=batch_tokens, progress=progress, note=note
+        )
+    return exact_matches(
+        scorer, rows, pad_id=pad_id, batch_tokens=batch_tokens, progress=progress, note=note
+    )
+
+
 def _trial_rng(seed: int, *parts: float) -> np.random.Generator:
     return np.random.default_rng([seed, *(int(round(p * 1_000_000)) for p in parts)])
 
@@ -268,8 +316,10 @@ def passkey_grid(
     seed: int,
     batch_tokens: int,
     progress: Progress | None = None,
+    generator: Generator | None = None,
 ) -> dict:
-    """Passkey accuracy [len(lengths)][len(depths)] over `trials` seeded keys per cell."""
+    """Passkey accuracy [len(lengths)][len(depths)] over `trials` seeded keys per cell, by
+    teacher-forced scoring, or by real generation with a `generator`."""
     accuracy = []
     for length in lengths:
         rows = []
@@ -278,8 +328,9 @@ def passkey_grid(
                 key = int(_trial_rng(seed, length, depth, trial).integers(10_000, 100_000))
                 prompt = passkey_prompt(tokenizer, length=length, depth=depth, key=key)
                 rows.append((prompt.tokens, prompt.answers[0]))
-        hits = exact_matches(
+        hits = _matches(
             scorer,
+            generator,
             rows,
             pad_id=tokenizer.pad_id,
             batch_tokens=batch_tokens,
@@ -308,8 +359,10 @@ def needle_grid(
     seed: int,
     batch_tokens: int,
     progress: Progress | None = None,
+    generator: Generator | None = None,
 ) -> dict:
-    """Needle accuracy [len(lengths)][len(depths)] (and distractor_rate for 'distractor')."""
+    """Needle accuracy [len(lengths)][len(depths)] (and distractor_rate for 'distractor'), by
+    teacher-forced scoring, or by real generation with a `generator`."""
     accuracy, distractor_rate = [], []
     for length in lengths:
         rows, owners = [], []  # owners[r] = (cell, is_target)
@@ -328,8 +381,9 @@ def needle_grid(
                     for a, answer in enumerate(prompt.answers):
                         rows.append((prompt.tokens, answer))
                         owners.append((d, a == 0))
-        hits = exact_matches(
+        hits = _matches(
             scorer,
+            generator,
             rows,
             pad_id=tokenizer.pad_id,
             batch_tokens=batch_tokens,

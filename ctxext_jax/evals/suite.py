@@ -22,6 +22,7 @@ from ctxext_jax.evals.perplexity import (
 from ctxext_jax.evals.retrieval import (
     NAMES,
     VARIANTS,
+    Generator,
     needle_grid,
     needle_min_length,
     passkey_grid,
@@ -103,9 +104,12 @@ def run_suite(
     options: EvalOptions,
     *,
     progress: bool = True,
+    generator_for: Callable[[int], Generator] | None = None,
 ) -> dict:
     """-> {"perplexity": [per length], "passkey": grid, "needle": {variant: grid}} for the
-    metrics asked for. scorer_for(length) gives the scorer to use at that window length."""
+    metrics asked for. scorer_for(length) gives the scorer to use at that window length;
+    generator_for(length), when given, a generator that scores passkey and needles by real
+    generation instead of teacher forcing."""
     longest = max(options.lengths)
     # One read of the split serves both: perplexity scores its first ppl_tokens tokens and the
     # needle haystack is the same text without the document separators.
@@ -161,6 +165,7 @@ def run_suite(
                 seed=options.seed,
                 batch_tokens=options.batch_tokens,
                 progress=bar,
+                generator=generator_for(length) if generator_for else None,
             )
             for length in options.lengths
         ]
@@ -186,6 +191,7 @@ def run_suite(
                     seed=options.seed,
                     batch_tokens=options.batch_tokens,
                     progress=bar,
+                    generator=generator_for(length) if generator_for else None,
                 )
                 for length in options.lengths
             ]
