@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
     p.add_argument("--lengths", default="256,1024,4096", help="comma-separated contexts C")
-    p.add_argument("--new_tokens", type=int, default=64, help="N tokens decoded per timing")
+    p.add_argument("--new_tokens", type=int, default=256, help="N tokens decoded per timing")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=None,
