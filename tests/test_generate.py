@@ -13,6 +13,7 @@ import torch
 from hf_fixtures import ORIGINAL, make_model, make_tokenizer_files
 
 from ctxext_jax import decode, hf
+from ctxext_jax.config import defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW = 24  # new tokens per prompt: the longest prompt + NEW goes past ORIGINAL and the windows
@@ -158,12 +159,21 @@ def test_input_errors_name_the_line(tmp_path):
 
 
 # ------------------------------------------------------------------------ evaluate --decode
-def test_generated_verdicts_equal_teacher_forcing(hf_folder):
-    """Row by row, retrieval by real generation gives teacher forcing's verdicts: the model's
-    own greedy continuation (right), the same with its last token changed (wrong), a prefix
-    of it (right); the three rows share one prompt, so they generate once."""
-    from ctxext_jax.evals.retrieval import exact_matches, generated_matches
+def test_generated_verdicts_equal_teacher_forcing(hf_folder, tmp_path):
+    """Retrieval scored by real generation gives teacher forcing's verdicts on the same model:
+    row by row, for the model's own greedy continuation (right), the same with its last token
+    changed (wrong) and a prefix of it (right), three rows sharing one prompt and so one
+    generation; then whole passkey and distractor-needle grids; then `evaluate --decode`."""
+    from ctxext_jax.data import make_tokenizer
+    from ctxext_jax.evals import EvalOptions
+    from ctxext_jax.evals.retrieval import (
+        exact_matches,
+        generated_matches,
+        needle_grid,
+        passkey_grid,
+    )
     from ctxext_jax.evals.scoring import make_scorer
+    from ctxext_jax.evaluate import evaluate
 
     model = hf.from_pretrained(hf_folder)
     rng = np.random.default_rng(3)
@@ -184,27 +194,19 @@ def test_generated_verdicts_equal_teacher_forcing(hf_folder):
     assert exact_matches(scorer, rows, pad_id=0, batch_tokens=256).tolist() == expected
     assert generated_matches(generator, rows, batch_tokens=256).tolist() == expected
 
+    tokenizer = make_tokenizer(f"hf:{hf_folder}")
+    grid = dict(lengths=[160], depths=[0.0, 1.0], trials=1, seed=0, batch_tokens=1024)
+    for way in (None, generator):
+        passkey = passkey_grid(scorer, tokenizer, **grid, generator=way)
+        needle = needle_grid(scorer, tokenizer, rng.integers(3, 100, 500), variant="distractor",
+                             needles=2, **grid, generator=way)  # fmt: skip
+        if way is None:
+            forward = (passkey, needle)
+    assert (passkey, needle) == forward
 
-def test_evaluate_decode_agrees_with_forward_scoring(hf_folder, tmp_path):
-    from ctxext_jax.config import defaults
-    from ctxext_jax.evals import EvalOptions
-    from ctxext_jax.evaluate import evaluate
-
-    options = EvalOptions(
-        lengths=(192,), metrics=("passkey", "needle"), needle_variants=("distractor",),
-        passkey_trials=1, depths=(0.0, 1.0), needle_trials=1, needles=2, batch_tokens=1024,
-    )  # fmt: skip
-    runs = {
-        way: evaluate(
-            defaults(),
-            hf_folder,
-            str(tmp_path / way),
-            options,
-            progress=False,
-            generate=way == "decode",
-        )  # fmt: skip
-        for way in ("forward", "decode")
-    }
-    assert runs["decode"]["retrieval_scoring"].startswith("generation")
-    assert runs["decode"]["passkey"] == runs["forward"]["passkey"]
-    assert runs["decode"]["needle"] == runs["forward"]["needle"]
+    options = EvalOptions(lengths=(160,), metrics=("passkey",), passkey_trials=1,
+                          depths=(0.0, 1.0), batch_tokens=1024)  # fmt: skip
+    results = evaluate(defaults(), hf_folder, str(tmp_path / "run"), options,
+                       progress=False, generate=True)  # fmt: skip
+    assert results["retrieval_scoring"].startswith("generation")
+    assert results["passkey"] == {**forward[0], "lengths": [160]}
