@@ -101,8 +101,9 @@ def test_cli_jsonl_and_prompt(hf_folder, tmp_path):
     prompts = tmp_path / "in.jsonl"
     prompts.write_text('{"text": "abc de_f(x)"}\n\n{"ids": [5, 17, 99, 120, 3]}\n')
     out = tmp_path / "out.jsonl"
-    run_cli(f"--checkpoint={hf_folder}", f"--prompts={prompts}", f"--output={out}",
-            "--max_new_tokens=6", "--ignore_eos", "--batch_size=1")  # fmt: skip
+    run = run_cli(f"--checkpoint={hf_folder}", f"--prompts={prompts}", f"--output={out}",
+                  "--max_new_tokens=6", "--ignore_eos", "--batch_size=1")  # fmt: skip
+    assert "generate 100.0% | 2/2 prompts" in run.stderr and "wrote 2 generations" in run.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 2
     text_ids = [tokenizer.bos_id, *tokenizer.encode("abc de_f(x)")]
