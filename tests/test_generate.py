@@ -196,7 +196,7 @@ def test_generated_verdicts_equal_teacher_forcing(hf_folder, tmp_path):
     assert generated_matches(generator, rows, batch_tokens=256).tolist() == expected
 
     tokenizer = make_tokenizer(f"hf:{hf_folder}")
-    grid = dict(lengths=[160], depths=[0.0, 1.0], trials=1, seed=0, batch_tokens=1024)
+    grid = dict(lengths=[192], depths=[0.0, 1.0], trials=1, seed=0, batch_tokens=1024)
     for way in (None, generator):
         passkey = passkey_grid(scorer, tokenizer, **grid, generator=way)
         needle = needle_grid(scorer, tokenizer, rng.integers(3, 100, 500), variant="distractor",
@@ -205,9 +205,9 @@ def test_generated_verdicts_equal_teacher_forcing(hf_folder, tmp_path):
             forward = (passkey, needle)
     assert (passkey, needle) == forward
 
-    options = EvalOptions(lengths=(160,), metrics=("passkey",), passkey_trials=1,
+    options = EvalOptions(lengths=(192,), metrics=("passkey",), passkey_trials=1,
                           depths=(0.0, 1.0), batch_tokens=1024)  # fmt: skip
     results = evaluate(defaults(), hf_folder, str(tmp_path / "run"), options,
                        progress=False, generate=True)  # fmt: skip
     assert results["retrieval_scoring"].startswith("generation")
-    assert results["passkey"] == {**forward[0], "lengths": [160]}
+    assert results["passkey"] == {**forward[0], "lengths": [192]}
