@@ -73,11 +73,12 @@ def prompt_ids(record, where: str, tokenizer, vocab_size: int) -> list[int]:
     return ids
 
 
-def read_prompts(path: str, tokenizer, vocab_size: int) -> list[list[int]]:
-    """A JSONL file (one object per line; blank lines skipped) -> prompts as token ids."""
+def read_prompts(path: str, tokenizer, vocab_size: int) -> tuple[list[list[int]], list[int]]:
+    """A JSONL file (one object per line; blank lines skipped) -> (prompts as token ids,
+    the line number of each)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--prompts: no file {path!r}; give a .jsonl file of prompts.")
-    prompts = []
+    prompts, lines = [], []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -90,9 +91,10 @@ def read_prompts(path: str, tokenizer, vocab_size: int) -> list[list[int]]:
                     f"{where}: not valid JSON ({e.msg} at column {e.colno})."
                 ) from None
             prompts.append(prompt_ids(record, where, tokenizer, vocab_size))
+            lines.append(number)
     if not prompts:
         raise ValueError(f"--prompts: {path} holds no prompts (every line is blank).")
-    return prompts
+    return prompts, lines
 
 
 # ---------------------------------------------------------------------------------- output
@@ -240,8 +242,8 @@ def main(argv):
             prompts = [prompt_ids({"text": f.prompt}, "--prompt", tokenizer, vocab)]
             check_fits(prompts, options, lambda i: "--prompt", global_layers=global_layers)
         else:
-            prompts = read_prompts(f.prompts, tokenizer, vocab)
-            check_fits(prompts, options, lambda i: f"{f.prompts} prompt {i + 1}",
+            prompts, lines = read_prompts(f.prompts, tokenizer, vocab)
+            check_fits(prompts, options, lambda i: f"{f.prompts} line {lines[i]}",
                        global_layers=global_layers)  # fmt: skip
             if f.output and os.path.abspath(f.output) == os.path.abspath(f.prompts):
                 raise ValueError("--output must differ from --prompts (it would be overwritten).")

@@ -129,7 +129,7 @@ def test_cli_errors_are_one_line(hf_folder, tmp_path):
 
 def test_input_errors_name_the_line(tmp_path):
     from ctxext_jax.data import ByteTokenizer
-    from ctxext_jax.generate import check_fits, prompt_ids, read_prompts
+    from ctxext_jax.generate import check_fits, read_prompts
 
     tok = ByteTokenizer()
     path = tmp_path / "p.jsonl"
@@ -151,7 +151,8 @@ def test_input_errors_name_the_line(tmp_path):
     assert "no prompts" in error_of("\n\n")
     with pytest.raises(FileNotFoundError, match="no file"):
         read_prompts(str(tmp_path / "absent.jsonl"), tok, 320)
-    assert prompt_ids({"text": "hi"}, "x", tok, 320) == [tok.bos_id, *tok.encode("hi")]
+    path.write_text('{"ids": [5]}\n\n{"text": "hi"}\n')
+    assert read_prompts(str(path), tok, 320) == ([[5], [tok.bos_id, *tok.encode("hi")]], [1, 3])
     options = dict(capacity=40, cache="full", max_new_tokens=16)
     check_fits([[1] * 24], options, lambda i: f"prompt {i + 1}", global_layers=True)
     with pytest.raises(ValueError, match=r"prompt 2: .*--capacity=41"):
