@@ -38,6 +38,8 @@ def defaults() -> ml_collections.ConfigDict:
         chunk=0,
         sinks=0,
         attention_impl="auto",
+        context_parallel="all_gather",  # all_gather | ring: attention when mesh.sequence > 1
+        context_parallel_balance="zigzag",  # zigzag | none: causal work equal per device
         attention_bias=False,
         qk_norm=False,
         rms_eps=1e-5,
@@ -247,6 +249,7 @@ def _validate_mesh(config, num_devices: int, process_count: int) -> None:
                     f"that the rule for '{name}' maps it to (mesh {sizes}); change the size, "
                     "the mesh.shape or mesh.rules.",
                 )
+    _validate_context_parallel(config, mesh_config, sizes)
     if micro_batch % process_count:
         fail(
             "train.batch_size",
@@ -258,6 +261,39 @@ def _validate_mesh(config, num_devices: int, process_count: int) -> None:
         sizes[a] for a in dict(mesh_config.rules).get("batch", ())
     ):
         fail("eval.batch_size", "must be divisible by the mesh axes that shard 'batch'.")
+
+
+def _validate_context_parallel(config, mesh_config, sizes) -> None:
+    from ctxext_jax.attention import context_parallel as cp
+
+    m = config.model
+    for key, value, allowed in [
+        ("model.context_parallel", m.context_parallel, cp.STRATEGIES),
+        ("model.context_parallel_balance", m.context_parallel_balance, cp.BALANCES),
+    ]:
+        if value not in allowed:
+            _fail(key, f"unknown value {value!r}; choose one of {list(allowed)}.")
+    active = [a for a in dict(mesh_config.rules).get("length", ()) if sizes.get(a, 1) > 1]
+    if len(active) > 1:
+        _fail(
+            "mesh.rules",
+            f"'length' maps to several sharded mesh axes {active}; context parallelism runs "
+            "over one axis (map 'length' to 'sequence' only).",
+        )
+    if not active:
+        return
+    n = sizes[active[0]]
+    if m.attention_impl not in ("auto", "blockwise"):
+        _fail(
+            "model.attention_impl",
+            f"{m.attention_impl!r} cannot run on a sequence-sharded mesh (mesh.shape.{active[0]}"
+            f"={n}): context parallelism runs the blockwise kernel on each device's rows; set "
+            "'auto' or 'blockwise', or mesh.shape.sequence=1.",
+        )
+    try:  # evaluation pads its windows to whole chunks itself
+        cp.check_length(config.data.seq_len, n, m.context_parallel_balance, key="length")
+    except ValueError as e:
+        _fail("data.seq_len", str(e))
 
 
 def _validate_data(config) -> None:

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ctxext_jax import sharding
+from ctxext_jax.attention import context_parallel as cp
 from ctxext_jax.attention.kernels import attention
 from ctxext_jax.attention.masks import Mask
 from ctxext_jax.positions.alibi import alibi_slopes
@@ -68,6 +70,8 @@ class ModelConfig:
     chunk: int = 0
     sinks: int = 0
     attention_impl: str = "auto"
+    context_parallel: str = "all_gather"  # all_gather | ring, on a sequence-sharded mesh
+    context_parallel_balance: str = "zigzag"  # zigzag | none
     attention_bias: bool = False  # Qwen2: biases on q, k, v projections
     qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
     rms_eps: float = 1e-5
@@ -197,7 +201,16 @@ class Attention(nnx.Module):
             kv_positions=positions,
         )
         slopes = alibi_slopes(cfg.n_heads) if cfg.alibi else None
-        out = attention(q, k, v, mask=mask, alibi_slopes=slopes, implementation=cfg.attention_impl)
+        if cp.shard_count() > 1:  # rows sharded over `sequence`: see context_parallel.py
+            mesh, rules = sharding.active_mesh()
+            out = cp.context_parallel_attention(
+                q, k, v, mask=mask, mesh=mesh, rules=rules, alibi_slopes=slopes,
+                strategy=cfg.context_parallel, balance=cfg.context_parallel_balance,
+            )  # fmt: skip
+        else:
+            out = attention(
+                q, k, v, mask=mask, alibi_slopes=slopes, implementation=cfg.attention_impl
+            )
         return jnp.einsum("BTHD,HDE->BTE", out, self.wo[...].astype(dtype))
 
 
@@ -286,8 +299,17 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
+        # Sequence-sharded with zigzag balancing: rows move to the device layout once here and
+        # back before the head, so callers see natural order (positions travel with the rows).
+        zigzag = cp.shard_count() > 1 and self.cfg.context_parallel_balance == "zigzag"
+        if zigzag:
+            tokens, positions, segment_ids = (
+                cp.to_layout(a, ("batch", "length")) for a in (tokens, positions, segment_ids)
+            )
         x = self._embed(tokens)
         x = self._run_layers(x, positions, segment_ids)
+        if zigzag:
+            x = cp.from_layout(x, ("batch", "length", "activation_embed"))
         return self.logits(self.final_norm(x))
 
     def decode(self, tokens, step, caches):

@@ -172,6 +172,26 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     )
 
 
+def active_mesh() -> tuple[Mesh, tuple] | None:
+    """The (mesh, rules) that `use_mesh` made active, or None."""
+    return _ACTIVE.get()
+
+
+def sequence_axis(mesh: Mesh, rules) -> tuple[str | None, int]:
+    """(the mesh axis that shards `length`, its size): (None, 1) when lengths are unsharded.
+
+    Context parallelism runs over exactly one mesh axis; a rule that maps `length` to several
+    sharded axes is refused here, naming `mesh.rules`.
+    """
+    axes = [a for a in dict(rules).get("length", ()) if mesh.shape.get(a, 1) > 1]
+    if len(axes) > 1:
+        raise ValueError(
+            f"mesh.rules: 'length' is mapped to several sharded mesh axes {axes}; context "
+            "parallelism runs over one axis (the default rule maps it to 'sequence')."
+        )
+    return (axes[0], mesh.shape[axes[0]]) if axes else (None, 1)
+
+
 def named_sharding(mesh: Mesh, logical_axes, rules) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(logical_axes, rules))
 

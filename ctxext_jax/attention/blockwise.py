@@ -195,8 +195,19 @@ def _flash(plan, q, k, v, bias, slopes, q_pos, kv_pos, q_seg, kv_seg):
 
 def _flash_fwd(plan, q, k, v, bias, slopes, q_pos, kv_pos, q_seg, kv_seg):
     """q [B, Tp, K, G, D] -> (o [B, Tp, K, G, D], lse [nq, B, K, G, bq]), residuals."""
-    B, Tp, K, G, D = q.shape
     table, counts = jnp.asarray(plan.table, jnp.int32), jnp.asarray(plan.counts, jnp.int32)
+    o, lse = forward(plan, table, counts, q, k, v, bias, slopes, q_pos, kv_pos, q_seg, kv_seg)
+    o = o.astype(q.dtype)
+    res = (q, k, v, bias, slopes, q_pos, kv_pos, q_seg, kv_seg, o, lse)
+    return (o, lse), res
+
+
+def forward(plan, table, counts, q, k, v, bias, slopes, q_pos, kv_pos, q_seg, kv_seg):
+    """The forward pass with the key-block `table` [nq, width] and `counts` [nq] given as
+    (possibly traced) arrays, so a caller can pick a table at run time (context parallelism
+    picks one per device and hop). Returns o [B, Tp, K, G, D] float32 and lse
+    [nq, B, K, G, bq] (+inf for rows with no visible key)."""
+    B, Tp, K, G, D = q.shape
     idx = jnp.arange(len(plan.counts), dtype=jnp.int32)
 
     def one_block(xs):
@@ -224,17 +235,22 @@ def _flash_fwd(plan, q, k, v, bias, slopes, q_pos, kv_pos, q_seg, kv_seg):
 
     o, lse = jax.lax.map(one_block, (idx, table, counts, _q_blocks(q, plan.bq)))
     o = jnp.moveaxis(o, 4, 2).reshape(len(plan.counts), B, plan.bq, K, G, D)
-    o = jnp.moveaxis(o, 0, 1).reshape(B, Tp, K, G, D).astype(q.dtype)
-    res = (q, k, v, bias, slopes, q_pos, kv_pos, q_seg, kv_seg, o, lse)
-    return (o, lse), res
+    return jnp.moveaxis(o, 0, 1).reshape(B, Tp, K, G, D), lse
 
 
 def _flash_bwd(plan, res, cotangents):
+    table, counts = jnp.asarray(plan.table, jnp.int32), jnp.asarray(plan.counts, jnp.int32)
+    return backward(plan, table, counts, res, cotangents[0]) + (None,) * 4
+
+
+def backward(plan, table, counts, res, do):
+    """Gradients (dq, dk, dv, dbias, dslopes) of `forward`'s o, given the residuals
+    (q, k, v, bias, slopes, q_pos, kv_pos, q_seg, kv_seg, o, lse) and do = dL/do. o and lse
+    may be those of a larger attention this call is one part of (the ring merges hops), so
+    the gradients are this part's share; dk, dv, dq come back float32 when do is."""
     q, k, v, bias, slopes, q_pos, kv_pos, q_seg, kv_seg, o, lse = res
-    do = cotangents[0]
     B, Tp, K, G, D = q.shape
     bq, bk = plan.bq, plan.bk
-    table, counts = jnp.asarray(plan.table, jnp.int32), jnp.asarray(plan.counts, jnp.int32)
     idx = jnp.arange(len(plan.counts), dtype=jnp.int32)
     # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij (FlashAttention-2, eq. for dS).
     delta = jnp.einsum("btkgd,btkgd->bkgt", do.astype(jnp.float32), o.astype(jnp.float32))
@@ -295,7 +311,7 @@ def _flash_bwd(plan, res, cotangents):
     dq = jnp.moveaxis(dq, 0, 1).reshape(q.shape).astype(q.dtype)
     dbias = None if dbias is None else dbias.astype(bias.dtype)
     dslopes = None if dslopes is None else dslopes.astype(slopes.dtype)
-    return (dq, dk.astype(k.dtype), dv.astype(v.dtype), dbias, dslopes) + (None,) * 4
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), dbias, dslopes
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
