@@ -210,7 +210,7 @@ def plan_tables(pattern: Mask, *, strategy: str, balance: str, n: int, T: int, b
 
 
 def tiles_per_device(pattern: Mask, *, strategy: str, balance: str, n: int, T: int,
-                     block: int = 512, packed: bool = True) -> np.ndarray:  # fmt: skip
+                     block: int = 256, packed: bool = True) -> np.ndarray:  # fmt: skip
     """[n] (query block x key block) tiles each device computes in one forward pass: the
     attention FLOPs per device are proportional to it (b^2 * B * H * D * 4 each)."""
     _, _, counts = plan_tables(pattern, strategy=strategy, balance=balance, n=n, T=T,
