@@ -272,10 +272,10 @@ def _validate_context_parallel(config, mesh_config, sizes) -> None:
         ("model.context_parallel_balance", m.context_parallel_balance, cp.BALANCES),
     ]:
         if value not in allowed:
-            _fail(key, f"unknown value {value!r}; choose one of {list(allowed)}.")
+            fail(key, f"unknown value {value!r}; choose one of {list(allowed)}.")
     active = [a for a in dict(mesh_config.rules).get("length", ()) if sizes.get(a, 1) > 1]
     if len(active) > 1:
-        _fail(
+        fail(
             "mesh.rules",
             f"'length' maps to several sharded mesh axes {active}; context parallelism runs "
             "over one axis (map 'length' to 'sequence' only).",
@@ -284,7 +284,7 @@ def _validate_context_parallel(config, mesh_config, sizes) -> None:
         return
     n = sizes[active[0]]
     if m.attention_impl not in ("auto", "blockwise"):
-        _fail(
+        fail(
             "model.attention_impl",
             f"{m.attention_impl!r} cannot run on a sequence-sharded mesh (mesh.shape.{active[0]}"
             f"={n}): context parallelism runs the blockwise kernel on each device's rows; set "
@@ -293,7 +293,7 @@ def _validate_context_parallel(config, mesh_config, sizes) -> None:
     try:  # evaluation pads its windows to whole chunks itself
         cp.check_length(config.data.seq_len, n, m.context_parallel_balance, key="length")
     except ValueError as e:
-        _fail("data.seq_len", str(e))
+        fail("data.seq_len", str(e))
 
 
 def _validate_data(config) -> None:
