@@ -21,6 +21,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 # 8 fake CPU devices (the flag only concerns the host platform; GPUs / TPUs are unaffected).
@@ -32,9 +34,9 @@ import numpy as np  # noqa: E402
 
 from ctxext_jax import sharding  # noqa: E402
 from ctxext_jax.config import defaults, validate  # noqa: E402
+from ctxext_jax.data import BATCH_KEYS  # noqa: E402
 from ctxext_jax.model import ModelConfig  # noqa: E402
 from ctxext_jax.optim import OptimConfig  # noqa: E402
-from ctxext_jax.data import BATCH_KEYS  # noqa: E402
 from ctxext_jax.train import build_program, device_batch  # noqa: E402
 
 MODELS = {  # d_model, n_layers, n_heads, n_kv_heads, head_dim, mlp_dim
@@ -57,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no-run", action="store_true", help="compile only: memory, no step time")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # length,shards,strategy
     return p.parse_args(argv)
 
 
@@ -121,8 +124,20 @@ def measure(args, length, shards, strategy) -> dict:
     return row
 
 
+def measure_fresh(argv, length, shards, strategy) -> dict:
+    """One row in a fresh process, so no compile of an earlier row can affect its figures."""
+    command = [sys.executable, __file__, *argv, "--row", f"{length},{shards},{strategy}"]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.row:
+        length, shards, strategy = args.row.split(",")
+        print(json.dumps(measure(args, int(length), int(shards), strategy)))
+        return None
     rows = []
     if not args.json:
         print(f"model {args.model}, {args.dtype}, balance {args.balance}, "
@@ -134,7 +149,7 @@ def main(argv=None):
         for shards in [int(x) for x in args.shards.split(",")]:
             strategies = ["single"] if shards == 1 else args.strategies.split(",")
             for strategy in strategies:
-                row = measure(args, length, shards, "ring" if shards == 1 else strategy)
+                row = measure_fresh(argv, length, shards, "ring" if shards == 1 else strategy)
                 if shards == 1:
                     single[length] = row["temp_bytes_per_device"]
                 if length in single:
