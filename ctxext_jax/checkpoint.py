@@ -122,7 +122,7 @@ def read_model_json(step_dir: epath.Path) -> dict[str, Any]:
 # Fields that may differ between a source run and one initialised from it: they change no shape.
 MAY_CHANGE = frozenset(
     {"max_position_embeddings", "rope", "local_rope", "alibi", "layer_pattern", "window", "chunk",
-     "sinks", "attention_impl", "dtype", "remat", "scan_layers", "init_std"}
+     "sinks", "attention_impl", "dtype", "remat", "loss_chunk", "scan_layers", "init_std"}
 )  # fmt: skip
 
 

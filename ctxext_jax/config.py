@@ -46,7 +46,8 @@ def defaults() -> ml_collections.ConfigDict:
         tie_embeddings=False,
         dtype="bfloat16",
         param_dtype="float32",
-        remat="none",  # none | full | dots
+        remat="none",  # none | full | dots | residual | offload (see the README's Memory)
+        loss_chunk=2048,  # positions per cross-entropy chunk (no [B, T, V] logits); 0: all
         scan_layers=True,
         init_std=0.02,
     )
@@ -144,6 +145,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     ]:
         if value not in allowed:
             fail(key, f"unknown value {value!r}; choose one of {sorted(allowed)}.")
+    if not isinstance(m.loss_chunk, int) or isinstance(m.loss_chunk, bool) or m.loss_chunk < 0:
+        fail(
+            "model.loss_chunk",
+            f"must be an integer >= 0 (positions per cross-entropy chunk; 0: the whole length "
+            f"at once), got {m.loss_chunk!r}.",
+        )
     if not o.lr > 0:
         fail("optim.lr", f"must be > 0, got {o.lr}.")
     schedule_steps = o.decay_steps or t.steps

@@ -20,20 +20,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from ctxext_jax import sharding
 from ctxext_jax.attention import context_parallel as cp
 from ctxext_jax.attention.kernels import attention
 from ctxext_jax.attention.masks import Mask
+from ctxext_jax.loss import token_losses
 from ctxext_jax.positions.alibi import alibi_slopes
 from ctxext_jax.positions.rope import apply_rope, rope_frequencies
 from ctxext_jax.sharding import constrain
 
 LAYER_KINDS = {"G": "global", "L": "local", "C": "chunked"}
+# What the backward pass keeps of each scanned group (or unscanned block); the rest is recomputed.
+# `residual` keeps the residual stream entering each block (named "residual", compute dtype);
+# `offload` moves those same saves to pinned host memory (GPU/TPU; see the README on CPU).
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "residual": jax.checkpoint_policies.save_only_these_names("residual"),
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(),
+        names_which_can_be_offloaded=("residual",),
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
 }
 
 
@@ -79,6 +91,7 @@ class ModelConfig:
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat: str = "none"
+    loss_chunk: int = 2048  # positions per cross-entropy chunk; 0: the whole length at once
     scan_layers: bool = True
     init_std: float = 0.02
 
@@ -240,6 +253,7 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x, positions, segment_ids):
+        x = checkpoint_name(x, "residual")  # what the `residual` / `offload` policies keep
         x = x + self.attn(self.attn_norm(x), positions, segment_ids)
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("batch", "length", "activation_embed"))
@@ -293,7 +307,10 @@ class Decoder(nnx.Module):
         if not cfg.tie_embeddings:
             self.head = _param(rngs, (E, V), ("embed", "vocab"), std=cfg.init_std, cfg=cfg)
 
-    def __call__(self, tokens, *, positions=None, segment_ids=None):
+    def __call__(self, tokens, *, positions=None, segment_ids=None, targets=None):
+        """-> logits [B, T, V] float32; with `targets` [B, T] instead (loss float32 [B, T],
+        argmax == target bool [B, T]), computed `loss_chunk` positions at a time so that no
+        [B, T, V] array exists (see `loss.token_losses`)."""
         B, T = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -310,7 +327,11 @@ class Decoder(nnx.Module):
         x = self._run_layers(x, positions, segment_ids)
         if zigzag:
             x = cp.from_layout(x, ("batch", "length", "activation_embed"))
-        return self.logits(self.final_norm(x))
+        x = self.final_norm(x)
+        if targets is not None:
+            head = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
+            return token_losses(x, head, targets, chunk=self.cfg.loss_chunk)
+        return self.logits(x)
 
     def decode(self, tokens, step, caches):
         """Runs new tokens [B, T] against the KV caches (ctxext_jax.decode.cache).
@@ -388,11 +409,28 @@ def param_count(state: nnx.State) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
 
 
+def mean_keys_attended(cfg: ModelConfig, kind: str, seq_len: int) -> float:
+    """Keys a query of a `kind` layer attends to, averaged over positions 0..seq_len-1 of one
+    unpacked row: t + 1 (global), min(t + 1, window) (local), t mod chunk + 1 (chunked), plus the
+    sinks outside a local window or chunk."""
+    t = np.arange(seq_len, dtype=np.float64)
+    if kind == "global":
+        return float(np.mean(t + 1))
+    if kind == "local":
+        keys, visible_start = np.minimum(t + 1, cfg.window), t - cfg.window + 1
+    else:
+        keys, visible_start = t % cfg.chunk + 1, t - t % cfg.chunk
+    sinks = np.clip(np.minimum(cfg.sinks, visible_start), 0, None)  # sinks before the window
+    return float(np.mean(keys + sinks))
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward), the PaLM MFU convention:
-    6 * matmul params + 12 * L * T * H * D for attention scores and values (causal halves it)."""
+    6 * matmul params + 12 * H * D * (keys attended) per layer for attention scores and values,
+    where a global layer attends to (T + 1) / 2 keys on average and a local or chunked layer to
+    at most its window or chunk (see `mean_keys_attended`). Rematerialisation is not counted."""
     E, H, K, D, M = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
     per_layer = E * (H + 2 * K) * D + H * D * E + 3 * E * M
     matmul_params = cfg.n_layers * per_layer + E * cfg.vocab_size
-    attention_flops = 12 * cfg.n_layers * seq_len * H * D / 2
-    return 6 * matmul_params + attention_flops
+    keys = sum(mean_keys_attended(cfg, kind, seq_len) for kind in cfg.layer_kinds)
+    return 6 * matmul_params + 12 * H * D * keys

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -154,6 +155,7 @@ def use_mesh(mesh: Mesh, rules: Sequence[tuple[str, tuple[str, ...]]]) -> Iterat
 def under_mesh(fn, mesh: Mesh, rules):
     """`fn` with `use_mesh(mesh, rules)` active while it runs, i.e. while `jax.jit` traces it."""
 
+    @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         with use_mesh(mesh, rules):
             return fn(*args, **kwargs)

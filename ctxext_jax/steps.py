@@ -7,6 +7,7 @@ whole state goes in and out of `jax.jit` and into the checkpoint.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -20,13 +21,14 @@ from ctxext_jax.model import Decoder, param_axes
 
 
 def make_apply(graphdef: nnx.GraphDef, abstract_state: nnx.State) -> Callable:
-    """-> apply(params, inputs, positions, segment_ids) -> float32 logits [B, T, V]."""
+    """-> apply(params, inputs, positions, segment_ids) -> float32 logits [B, T, V], or with
+    `targets=` [B, T] (loss [B, T], argmax == target [B, T]) without building the logits."""
 
-    def apply(params, inputs, *, positions=None, segment_ids=None):
+    def apply(params, inputs, *, positions=None, segment_ids=None, targets=None):
         state = jax.tree.map(lambda x: x, abstract_state)
         nnx.replace_by_pure_dict(state, params)
         model = nnx.merge(graphdef, state)
-        return model(inputs, positions=positions, segment_ids=segment_ids)
+        return model(inputs, positions=positions, segment_ids=segment_ids, targets=targets)
 
     return apply
 
@@ -50,18 +52,27 @@ def build_model(model_cfg, mesh, rules, *, seed: int):
     return apply, abstract_params, jax.jit(init, out_shardings=shardings)
 
 
-def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """logits [B, T, V] float32, targets [B, T] -> cross-entropy per token [B, T]."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+def token_scores(apply: Callable, params, inputs, targets, **kwargs):
+    """(loss float32 [B, T], argmax == target bool [B, T]) of `apply`: a model apply (one that
+    takes `targets=`) computes them chunk by chunk; any other apply returns logits [B, T, V]."""
+    if "targets" in inspect.signature(apply).parameters:
+        return apply(params, inputs, targets=targets, **kwargs)
+    logits = apply(params, inputs, **kwargs)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return losses, jnp.argmax(logits, axis=-1) == targets
 
 
 def loss_sums(apply: Callable, params, batch) -> tuple[jax.Array, jax.Array]:
     """(sum of masked token losses, number of scored tokens) of one batch."""
-    logits = apply(
-        params, batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"]
+    losses, _ = apply(
+        params,
+        batch["inputs"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        targets=batch["targets"],
     )
     mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(token_losses(logits, batch["targets"]) * mask), jnp.sum(mask)
+    return jnp.sum(losses * mask), jnp.sum(mask)
 
 
 def strided_micro_batches(x: jax.Array, count: int) -> jax.Array:

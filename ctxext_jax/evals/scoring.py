@@ -14,11 +14,10 @@ import math
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ctxext_jax.steps import token_losses
+from ctxext_jax.steps import token_scores
 
 Scorer = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -37,8 +36,7 @@ def _jitted_score(apply: Callable, out_sharding: NamedSharding | None) -> Callab
     """One jitted scorer per model function, reused across calls (the trainer calls often)."""
 
     def score(params, inputs, targets):
-        logits = apply(params, inputs)
-        return token_losses(logits, targets), jnp.argmax(logits, axis=-1) == targets
+        return token_scores(apply, params, inputs, targets)
 
     if out_sharding is None:
         return jax.jit(score)
@@ -51,7 +49,8 @@ def make_scorer(
     """-> score(inputs, targets) on numpy int arrays [B, T] -> (loss float32 [B, T],
     correct bool [B, T]) as numpy.
 
-    apply(params, tokens [B, T]) -> logits [B, T, V] (positions 0..T-1, one segment per row).
+    apply(params, tokens [B, T]) -> logits [B, T, V] (positions 0..T-1, one segment per row);
+    a model apply that takes `targets=` scores chunk by chunk, never building the logits.
     batch_sharding: how [B, T] arrays are laid out on the mesh (the trainer's
     ("batch", "length") sharding); rows are padded to a multiple of its batch shards and the
     length to a multiple of its sequence shards. Padding goes after the real tokens, which a
