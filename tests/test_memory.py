@@ -12,7 +12,13 @@ from configs import tiny
 from ctxext_jax import sharding
 from ctxext_jax.attention.masks import Mask
 from ctxext_jax.loss import token_losses
-from ctxext_jax.model import REMAT_POLICIES, ModelConfig, flops_per_token, mean_keys_attended
+from ctxext_jax.model import (
+    REMAT_POLICIES,
+    ModelConfig,
+    flops_per_token,
+    mean_keys_attended,
+    saved_residual,
+)
 from ctxext_jax.optim import OptimConfig
 from ctxext_jax.steps import build_model, loss_sums
 from ctxext_jax.train import build_program, device_batch
@@ -103,15 +109,17 @@ def test_chunked_loss_trains_like_the_whole_logits():
     )
 
 
-def _loss_and_grads(remat: str, batch):
+def _model(**overrides):
     config = tiny.get_config("test")
-    config.model.update(layer_pattern="GL", window=24, n_layers=2, remat=remat, loss_chunk=16)
+    config.model.update(layer_pattern="GL", window=24, n_layers=2, loss_chunk=16, **overrides)
     config.mesh.shape.update(data=1)
     mesh_cfg = sharding.MeshConfig.from_config(config.mesh)
     mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:1])
-    apply, _, init = build_model(
-        ModelConfig.from_config(config.model), mesh, mesh_cfg.rules, seed=0
-    )
+    return build_model(ModelConfig.from_config(config.model), mesh, mesh_cfg.rules, seed=0)
+
+
+def _loss_and_grads(remat: str, batch):
+    apply, _, init = _model(remat=remat)
     params = init()
     fn = jax.jit(jax.value_and_grad(lambda p: loss_sums(apply, p, batch)[0]))
     return fn(params), jax.make_jaxpr(fn)(params)
@@ -155,3 +163,18 @@ def test_flops_count_the_keys_each_layer_attends_to(pattern):
     dense = ModelConfig(**{**cfg.__dict__, "layer_pattern": "G", "window": 0, "chunk": 0})
     attention_part = flops_per_token(cfg, T) - flops_per_token(dense, T) + 12 * 2 * 4 * (T + 1) / 2
     assert attention_part == pytest.approx(12 * 2 * 4 * want)
+
+
+def test_residual_policy_saves_bf16_stream_as_16_bit_bits():
+    """XLA:CPU widens a saved bf16 stack to float32; the policy saves its bits instead."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 16), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (2, 8, 16))
+    grad = jax.grad(lambda x: jnp.sum(saved_residual(x).astype(jnp.float32) * w))(x)
+    np.testing.assert_array_equal(grad, w.astype(jnp.bfloat16))
+    apply, abstract_params, _ = _model(remat="residual", dtype="bfloat16")
+    batch = _random_batch(np.random.default_rng(5), 2, 64, 259)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p: loss_sums(apply, p, batch)[0]))(abstract_params)
+    forward_scan = next(e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan")
+    stacks = [str(v.aval) for v in forward_scan.outvars if len(v.aval.shape) == 4]
+    # One [R=1, B, T, E] stack per block of the "GL" group, and no other activation saved.
+    assert stacks == ["uint16[1,2,64,64]"] * 2
