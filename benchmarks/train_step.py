@@ -207,8 +207,9 @@ def hf_compare(cfg: ModelConfig, batch: int, length: int, steps: int) -> dict:
         attn_implementation="sdpa", use_cache=False,
     )  # fmt: skip
     model = LlamaForCausalLM(hf_config).to(device)
-    if cfg.remat != "none":
-        model.gradient_checkpointing_enable()
+    if cfg.remat != "none":  # transformers 5 renamed it
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        (enable or model.gradient_checkpointing_enable)()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     autocast = cfg.dtype in ("bfloat16", "float16")
     dtype = getattr(torch, cfg.dtype)
@@ -254,8 +255,8 @@ def format_row(row: dict, cols) -> str:
     cells = []
     for key, _, fmt in cols:
         value = row.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            value = value / SCALE.get(key, 1)
+        if key in SCALE and value is not None:
+            value = value / SCALE[key]
         cells.append("-" if value is None else fmt.format(value))
     return "| " + " | ".join(cells) + " |"
 

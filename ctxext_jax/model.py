@@ -139,26 +139,26 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (x32 * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-@jax.custom_jvp
-def saved_residual(x: jax.Array) -> jax.Array:
-    """x, tagged "residual" for the remat policies (the identity otherwise). A 16-bit stream is
-    saved as its bits (behind an optimisation barrier, so XLA keeps them): XLA:CPU, which has
-    no bf16 arithmetic, widens a saved bf16 [R, B, T, E] stack to float32 before the backward
-    loop and holds it twice; integer bits stay 2 bytes per value on every backend."""
+def _tag_residual(x: jax.Array) -> jax.Array:
     if x.dtype.itemsize != 2:
         return checkpoint_name(x, "residual")
     bits = jax.lax.optimization_barrier(jax.lax.bitcast_convert_type(x, jnp.uint16))
     return jax.lax.bitcast_convert_type(checkpoint_name(bits, "residual"), x.dtype)
 
 
+@jax.custom_jvp
+def saved_residual(x: jax.Array) -> jax.Array:
+    """x, tagged "residual" for the remat policies that keep it. A 16-bit stream is saved as its
+    bits (behind an optimisation barrier, so XLA keeps them): XLA:CPU, which has no bf16
+    arithmetic, widens a saved bf16 [R, B, T, E] stack to float32 before the backward loop and
+    holds it twice; integer bits stay 2 bytes per value on every backend."""
+    return _tag_residual(x)
+
+
 @saved_residual.defjvp
 def _saved_residual_jvp(primals, tangents):
-    # Inline (not a nested call) so that the remat policy sees the name.
-    x, tangent = primals[0], tangents[0]
-    if x.dtype.itemsize != 2:
-        return checkpoint_name(x, "residual"), tangent
-    bits = jax.lax.optimization_barrier(jax.lax.bitcast_convert_type(x, jnp.uint16))
-    return jax.lax.bitcast_convert_type(checkpoint_name(bits, "residual"), x.dtype), tangent
+    # The tag is inlined here (not a nested custom_jvp call) so that the remat policy sees it.
+    return _tag_residual(primals[0]), tangents[0]
 
 
 class RMSNorm(nnx.Module):
@@ -273,9 +273,11 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, kind, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg)
         self.mlp = MLP(cfg, rngs=rngs)
+        self.tag_residual = cfg.remat in ("residual", "offload")
 
     def __call__(self, x, positions, segment_ids):
-        x = saved_residual(x)  # what the `residual` / `offload` policies keep
+        if self.tag_residual:  # what the `residual` / `offload` policies keep
+            x = saved_residual(x)
         x = x + self.attn(self.attn_norm(x), positions, segment_ids)
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("batch", "length", "activation_embed"))
