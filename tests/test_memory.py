@@ -75,7 +75,8 @@ def test_chunked_loss_step_holds_no_full_logits():
 
 def _run_steps(model_overrides, mesh_shape, batches, *, grad_accum=2):
     config = tiny.get_config("test")
-    config.model.update(tie_embeddings=True, layer_pattern="GL", window=24, **model_overrides)
+    config.model.update(tie_embeddings=True, layer_pattern="GL", window=24, attention_impl="xla")
+    config.model.update(model_overrides)
     config.mesh.shape.update(mesh_shape)
     mesh_cfg = sharding.MeshConfig.from_config(config.mesh)
     devices = jax.devices()[: int(np.prod(list(mesh_shape.values())))]
@@ -111,7 +112,10 @@ def test_chunked_loss_trains_like_the_whole_logits():
 
 def _model(**overrides):
     config = tiny.get_config("test")
-    config.model.update(layer_pattern="GL", window=24, n_layers=2, loss_chunk=16, **overrides)
+    config.model.update(
+        layer_pattern="GL", window=24, n_layers=2, loss_chunk=16, attention_impl="xla"
+    )
+    config.model.update(overrides)
     config.mesh.shape.update(data=1)
     mesh_cfg = sharding.MeshConfig.from_config(config.mesh)
     mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:1])
