@@ -8,7 +8,8 @@ The model section comes from the folder's config.json; the weights from the fold
 (`checkpoint.init_from`, or a checkpoint written by `python -m ctxext_jax.convert --from_hf`);
 the tokenizer from its tokenizer.json or tokenizer.model. The rope becomes YaRN with factor 4
 over the model's trained length (`original_max_position_embeddings`), as in the YaRN paper;
-a model already scaled (llama3, yarn, ...) is re-scaled from its own max_position_embeddings.
+a model already scaled (llama3 x32, yarn, linear, ...) keeps its scaling with the factor x4
+(`extended_rope`); longrope and other types that a factor cannot stretch are refused.
 Defaults suit a real 1-8B model on an accelerator; override train.* and data.* for tiny tests.
 """
 
@@ -16,6 +17,38 @@ from ctxext_jax import hf
 from ctxext_jax.config import defaults
 
 FACTOR = 4
+
+
+# Scalings whose reach grows with `factor` over a fixed original length: extending 4x more is
+# the same type with factor x 4 (PI of PI is PI; YaRN and llama3 are defined relative to the
+# original pretraining length, which stays).
+COMPOSABLE = ("linear", "ntk", "dynamic", "yarn", "llama3")
+
+
+def extended_rope(rope: dict, trained_length: int, folder: str) -> dict:
+    """The model's rope block reaching FACTOR x further: an unscaled rope becomes YaRN over the
+    trained length; an already scaled one keeps its type with factor x FACTOR (never YaRN over
+    the scaled length, which would treat llama3 x32 as if it had been trained unscaled)."""
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "default":
+        return {
+            "rope_type": "yarn",
+            "rope_theta": rope.get("rope_theta", 10000.0),
+            "factor": float(FACTOR),
+            "original_max_position_embeddings": trained_length,
+            **({"partial_rotary_factor": rope["partial_rotary_factor"]}
+               if "partial_rotary_factor" in rope else {}),
+        }  # fmt: skip
+    if rope_type not in COMPOSABLE:
+        raise ValueError(
+            f"configs/extend_hf.py: {folder} already uses rope_type {rope_type!r}, which cannot "
+            f"be stretched {FACTOR}x by a factor alone; give the new block yourself, e.g. "
+            "--config.model.rope='{...}' with its long factors for the new length."
+        )
+    # An explicit YaRN attention_factor belongs to the old factor: let it follow the new one.
+    extended = {k: v for k, v in rope.items() if k != "attention_factor"}
+    extended["factor"] = float(rope.get("factor", 1.0)) * FACTOR
+    return extended
 
 
 def get_config(arg: str = ""):
@@ -27,15 +60,9 @@ def get_config(arg: str = ""):
     original = source.max_position_embeddings
     c = defaults()
     model = {k: getattr(source, k) for k in c.model.keys() if k not in ("rope", "local_rope")}
-    rope = source.rope_for("global")
     c.model.update(model)
     c.model.update(
-        rope={
-            "rope_type": "yarn",
-            "rope_theta": rope.get("rope_theta", 10000.0),
-            "factor": float(FACTOR),
-            "original_max_position_embeddings": original,
-        },
+        rope=extended_rope(dict(source.rope_for("global")), original, arg),
         local_rope={},
         max_position_embeddings=FACTOR * original,
         remat="full",  # long sequences: recompute activations instead of storing them

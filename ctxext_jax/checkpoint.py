@@ -101,7 +101,7 @@ def check_init_from(source: str) -> None:
         if hf.is_hf_folder(source):
             hf.model_json(source)
         else:
-            resolve_init_from(source)
+            read_model_json(resolve_init_from(source))
     except (FileNotFoundError, ValueError) as e:
         fail("checkpoint.init_from", str(e))
 
@@ -239,6 +239,15 @@ class Checkpointer:
             ),
             force=True,
         )
+
+    def saved_config(self, step: int) -> dict | None:
+        """The run config saved with `step` (None when the step has no readable one)."""
+        try:
+            return ocp.JsonCheckpointHandler().restore(
+                self.directory / str(step) / "config", args=ocp.args.JsonRestore()
+            )
+        except Exception:  # a damaged item: the restore reports the step
+            return None
 
     def reached_preemption(self, step: int) -> bool:
         """True once every host has reached the sync point after a preemption notice."""

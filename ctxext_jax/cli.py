@@ -7,6 +7,7 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
@@ -26,10 +27,15 @@ def _error(message: str) -> None:
 
 
 def _rope_value(text: str):
-    """A command-line value as JSON where it parses ('4' -> 4, 'true' -> True), else the text."""
+    """A command-line value as JSON ('4' -> 4, 'true' -> True, '{"factor": 4}') or a Python
+    literal ("{'factor': 4}", 'True'), else the text itself ('yarn')."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
         return text
 
 
@@ -86,7 +92,13 @@ def _flag_error_message(error: BaseException) -> str:
         )
     if bad_override and isinstance(root, ValueError | TypeError):
         key, value = bad_override[1].removeprefix("config."), bad_override[2]
-        return f"{key}: cannot use {value!r} here ({root}); give a value of the field's type."
+        reason = str(root)
+        want = next(
+            (kind for word, kind in [("int()", "an integer"), ("float", "a number"),
+                                     ("bool", "true or false")] if word in reason),
+            f"a value of the field's type ({reason})",
+        )  # fmt: skip
+        return f"{key}: expected {want}, got {value!r}."
     if missing := re.search(r"No such file or directory: '([^']+)'", str(root)):
         return f"--config: no file {missing[1]!r}; give configs/<name>.py[:variant]."
     # ml_collections embeds the config file's traceback: its last line says it.
@@ -103,7 +115,14 @@ def parse_flags(argv: list[str]) -> list[str]:
 
     from ctxext_jax.errors import ConfigError
 
+    asked = {"-h", "-?", "--help", "--helpshort", "--helpfull"}.intersection(argv[1:])
+    if asked:  # absl's own help flag exits 1; asking for help is not an error
+        from absl import app
+
+        app.usage(shorthelp="--helpfull" not in asked, writeto_stdout=True, exitcode=0)
     argv, ropes = split_rope_flags(argv)
+    # ml_collections finds the --config.* overrides in sys.argv itself: drop these there too.
+    sys.argv[:] = split_rope_flags(sys.argv)[0]
     try:
         remaining = flags.FLAGS(argv)
         config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
@@ -125,8 +144,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 @contextlib.contextmanager
 def exit_on_user_error() -> Iterator[None]:
     """For command-line mains: a config, data or checkpoint mistake (ValueError, missing file)
-    prints `error: <message>` alone and exits 2 once every checkpoint write in flight has
-    finished; CTXEXT_TRACEBACK=1 shows the traceback."""
+    prints `error: <message>` alone and exits 2 (or the error's `exit_code`: 3 for a diverged
+    run) once every checkpoint write in flight has finished; CTXEXT_TRACEBACK=1 shows the
+    traceback."""
     try:
         yield
     except (FileNotFoundError, ValueError) as e:
@@ -140,4 +160,4 @@ def exit_on_user_error() -> Iterator[None]:
         # Skip interpreter teardown: Orbax / TensorStore worker threads can still hold callbacks
         # for an event loop that teardown closes, and print tracebacks about it after the
         # message. Nothing is lost: checkpoint writes have finished, metrics are flushed per line.
-        os._exit(2)
+        os._exit(getattr(e, "exit_code", 2))

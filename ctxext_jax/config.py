@@ -7,7 +7,9 @@ is built, and the trainer hands small frozen dataclasses to the model, data and 
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
 
 import ml_collections
 
@@ -62,6 +64,7 @@ def defaults() -> ml_collections.ConfigDict:
         seq_len=256,
         seed=0,
         num_workers=0,
+        on_undecodable="count",  # text that is not UTF-8: "count" (read with U+FFFD) | "refuse"
     )
     c.train = dict(
         steps=200,
@@ -69,6 +72,7 @@ def defaults() -> ml_collections.ConfigDict:
         grad_accum=1,
         seed=0,
         log_every=10,
+        max_nonfinite=3,  # consecutive non-finite steps (each skipped) before the run stops
     )
     c.optim = dict(
         lr=3e-3,
@@ -102,31 +106,118 @@ def defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(c)
 
 
-def _positive(config, keys: list[str]) -> None:
-    for key in keys:
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(low: int) -> Callable:
+    def check(value) -> str | None:
+        if not _is_int(value) or value < low:
+            kind = "a positive integer" if low == 1 else f"an integer >= {low}"
+            return f"must be {kind}, got {value!r}."
+        return None
+
+    return check
+
+
+def _number(low: float, high: float = math.inf, *, open_low=False, open_high=False) -> Callable:
+    def check(value) -> str | None:
+        if not _is_number(value):
+            return f"must be a finite number, got {value!r}."
+        if (value <= low if open_low else value < low) or (
+            value >= high if open_high else value > high
+        ):
+            if high == math.inf:
+                return f"must be {'>' if open_low else '>='} {low:g}, got {value!r}."
+            bounds = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+            return f"must be in {bounds}, got {value!r}."
+        return None
+
+    return check
+
+
+def _of_type(kind: type, name: str) -> Callable:
+    def check(value) -> str | None:
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        return None if ok else f"must be {name}, got {value!r}."
+
+    return check
+
+
+def _lengths(value) -> str | None:
+    if not isinstance(value, tuple | list) or not all(_is_int(n) and n > 0 for n in value):
+        return f"must be a list of positive integers, got {value!r}."
+    return None
+
+
+_POSITIVE, _COUNT = _integer(1), _integer(0)
+_BOOL, _STR = _of_type(bool, "true or false"), _of_type(str, "a string")
+_POSITIVE_NUMBER = _number(0, open_low=True)
+_FRACTION = _number(0, 1, open_high=True)  # Adam's betas: 1 would never forget
+
+# The type and range of every field defaults() defines; fields other modules add check themselves.
+FIELD_CHECKS: dict[str, Callable] = {
+    **dict.fromkeys(
+        ["model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
+         "model.n_kv_heads", "model.head_dim", "model.mlp_dim", "model.max_position_embeddings",
+         "data.seq_len", "train.steps", "train.batch_size", "train.grad_accum",
+         "train.log_every", "checkpoint.every", "checkpoint.keep", "eval.every", "eval.batches",
+         "eval.batch_size", "eval.long_passkey_trials"],
+        _POSITIVE,
+    ),
+    **dict.fromkeys(
+        ["model.window", "model.chunk", "model.sinks", "data.seed", "data.num_workers",
+         "train.seed", "train.max_nonfinite", "optim.warmup_steps", "optim.decay_steps",
+         "eval.every_long"],
+        _COUNT,
+    ),
+    **dict.fromkeys(
+        ["model.alibi", "model.attention_bias", "model.qk_norm", "model.tie_embeddings",
+         "model.scan_layers"],
+        _BOOL,
+    ),
+    **dict.fromkeys(
+        ["model.layer_pattern", "model.attention_impl", "model.dtype", "model.param_dtype",
+         "model.remat", "data.dataset", "data.data_dir", "data.files", "data.text_key",
+         "data.train_split", "data.eval_split", "data.tokenizer", "data.on_undecodable",
+         "optim.schedule",
+         "checkpoint.init_from"],
+        _STR,
+    ),
+    "model.rms_eps": _POSITIVE_NUMBER,
+    "model.init_std": _POSITIVE_NUMBER,
+    "optim.lr": _POSITIVE_NUMBER,
+    "optim.eps": _POSITIVE_NUMBER,  # 0 divides 0 by 0 for a parameter with no gradient yet
+    "optim.b1": _FRACTION,
+    "optim.b2": _FRACTION,
+    "optim.min_lr_ratio": _number(0, 1),
+    "optim.weight_decay": _number(0),
+    "optim.grad_clip": _number(0),
+    "eval.long_lengths": _lengths,
+}  # fmt: skip
+
+
+def _check_fields(config) -> None:
+    for key, check in FIELD_CHECKS.items():
         group, name = key.split(".")
-        value = config[group][name]
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            fail(key, f"must be a positive integer, got {value!r}.")
+        if group in config and name in config[group]:
+            problem = check(config[group][name])
+            if problem:
+                fail(key, problem)
 
 
-def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
-    """Raises ConfigError naming the first bad key and how to fix it. Pure: nothing is read
-    from disk (the data, tokenizer and init_from checks run where those are read:
-    `data.preflight`, `checkpoint.check_init_from`)."""
+def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> list[str]:
+    """Raises ConfigError naming the first bad key and how to fix it; returns the warnings
+    (`config_warnings`). Pure: nothing is read from disk (the data, tokenizer and init_from
+    checks run where those are read: `data.preflight`, `checkpoint.check_init_from`)."""
     import jax
 
     m, t, o = config.model, config.train, config.optim
-    _positive(
-        config,
-        [
-            "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
-            "model.n_kv_heads", "model.head_dim", "model.mlp_dim",
-            "model.max_position_embeddings", "data.seq_len", "train.steps",
-            "train.batch_size", "train.grad_accum", "train.log_every", "checkpoint.every",
-            "checkpoint.keep", "eval.every", "eval.batches", "eval.batch_size",
-        ],
-    )  # fmt: skip
+    _check_fields(config)
     if m.n_heads % m.n_kv_heads:
         fail(
             "model.n_heads",
@@ -142,6 +233,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         ("model.dtype", m.dtype, ("float32", "bfloat16", "float16")),
         ("model.param_dtype", m.param_dtype, ("float32", "bfloat16")),
         ("optim.schedule", o.schedule, ("cosine", "linear", "constant")),
+        ("data.on_undecodable", config.data.on_undecodable, ("count", "refuse")),
     ]:
         if value not in allowed:
             fail(key, f"unknown value {value!r}; choose one of {sorted(allowed)}.")
@@ -151,20 +243,6 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
             f"must be an integer >= 0 (positions per cross-entropy chunk; 0: the whole length "
             f"at once), got {m.loss_chunk!r}.",
         )
-    if not o.lr > 0:
-        fail("optim.lr", f"must be > 0, got {o.lr}.")
-    schedule_steps = o.decay_steps or t.steps
-    if o.decay_steps < 0:
-        fail("optim.decay_steps", f"must be >= 0 (0: train.steps), got {o.decay_steps}.")
-    if o.warmup_steps < 0 or o.warmup_steps >= schedule_steps:
-        fail(
-            "optim.warmup_steps",
-            f"must be in [0, {schedule_steps}) (the schedule's length), got {o.warmup_steps}.",
-        )
-    if not 0 <= o.min_lr_ratio <= 1:
-        fail("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}.")
-    if o.grad_clip < 0 or o.weight_decay < 0:
-        fail("optim.grad_clip", "grad_clip and weight_decay must be >= 0 (0 disables).")
     if t.batch_size % t.grad_accum:
         fail(
             "train.grad_accum",
@@ -172,6 +250,63 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         )
     _validate_mesh(config, num_devices or jax.device_count(), jax.process_count())
     _validate_data(config)
+    return config_warnings(config)
+
+
+def config_warnings(config) -> list[str]:
+    """Settings that are legal but do nothing, or not what was likely meant: `<key>: <why>`."""
+    m, t, o = config.model, config.train, config.optim
+    pattern, found = set(m.layer_pattern), []
+    local = pattern & {"L", "C"}
+    if m.sinks and not local:
+        found.append(
+            f"model.sinks: {m.sinks} sink tokens are unused: only sliding-window (L) and "
+            f"chunked (C) layers keep sinks, and layer_pattern is {m.layer_pattern!r}."
+        )
+    if m.window and "L" not in pattern:
+        found.append(
+            f"model.window: {m.window} is unused: no sliding-window (L) layer in "
+            f"layer_pattern {m.layer_pattern!r}."
+        )
+    if m.chunk and "C" not in pattern:
+        found.append(
+            f"model.chunk: {m.chunk} is unused: no chunked (C) layer in layer_pattern "
+            f"{m.layer_pattern!r}."
+        )
+    if m.local_rope and not local:
+        found.append(
+            "model.local_rope: unused: no local (L) or chunked (C) layer in "
+            f"layer_pattern {m.layer_pattern!r}."
+        )
+    rope = _as_dict(m.rope)
+    rope_type = rope.get("rope_type", "default")
+    seq_len = config.data.seq_len
+    if not m.alibi and rope_type == "default" and seq_len > m.max_position_embeddings:
+        found.append(
+            f"data.seq_len: {seq_len} is beyond model.max_position_embeddings="
+            f"{m.max_position_embeddings} with unscaled RoPE (rope_type 'default'): positions past "
+            f"it were never trained; set a scaling, e.g. --config.model.rope.rope_type=yarn "
+            f"--config.model.rope.factor={seq_len / m.max_position_embeddings:g}."
+        )
+    elif (
+        rope.get("factor")
+        and rope.get("original_max_position_embeddings")
+        and not rope_type.startswith("dynamic")
+    ):
+        reach = rope["factor"] * rope["original_max_position_embeddings"]
+        if seq_len > reach:
+            found.append(
+                f"data.seq_len: {seq_len} is beyond the rope scaling's reach (factor "
+                f"{rope['factor']:g} x original_max_position_embeddings "
+                f"{rope['original_max_position_embeddings']} = {reach:g}); raise model.rope.factor."
+            )
+    schedule_steps = o.decay_steps or t.steps
+    if o.warmup_steps >= schedule_steps:
+        found.append(
+            f"optim.warmup_steps: {o.warmup_steps} is not shorter than the schedule "
+            f"({schedule_steps} steps); clipped to {max(schedule_steps - 1, 0)}."
+        )
+    return found
 
 
 def _as_dict(value) -> dict:
@@ -179,6 +314,13 @@ def _as_dict(value) -> dict:
 
 
 def _validate_positions(m) -> None:
+    for key in ("rope", "local_rope"):
+        if not isinstance(m[key], dict | ml_collections.ConfigDict):
+            fail(
+                f"model.{key}",
+                f"expected a dict of Hugging Face rope keys, got {m[key]!r}; e.g. "
+                '{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}.',
+            )
     ropes = [("model.rope", _as_dict(m.rope))]
     if m.local_rope:
         ropes.append(("model.local_rope", _as_dict(m.local_rope)))
@@ -316,3 +458,48 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     the model (generate's --config default, so --config.mesh.* works without a file)."""
     del arg
     return defaults()
+
+
+# Fields that may change when a run resumes: they do not change what the next updates compute
+# (where and how it runs, what is logged, evaluated and kept). Everything else is refused.
+RESUME_MAY_CHANGE = (
+    "mesh.", "checkpoint.", "eval.", "train.log_every", "train.max_nonfinite", "train.grad_accum",
+    "train.seed", "data.num_workers", "data.data_dir", "data.eval_split", "model.attention_impl",
+    "model.remat", "model.loss_chunk", "model.context_parallel",
+)  # fmt: skip
+
+
+def _flat(tree: dict) -> dict:
+    """{"model": {"d_model": 8, "rope": {...}}} -> {"model.d_model": 8, "model.rope": {...}}:
+    groups are flattened one level; values inside a field (a rope block) compare whole."""
+    return {
+        f"{group}.{name}": value
+        for group, fields in tree.items()
+        if isinstance(fields, dict)
+        for name, value in fields.items()
+    }
+
+
+def _schedule_view(flat: dict) -> dict:
+    """train.steps matters only as the schedule's length when optim.decay_steps is 0."""
+    view = dict(flat)
+    steps = view.pop("train.steps", None)
+    view["optim.decay_steps"] = view.get("optim.decay_steps") or steps
+    return view
+
+
+def trajectory_changes(saved: dict, current: ml_collections.ConfigDict) -> dict[str, tuple]:
+    """{key: (saved value, current value)} for each field that changes the training trajectory
+    (schedule, optimizer, batch, data order, model) between a checkpoint's config and this
+    run's. A field the checkpoint lacks (added since) counts only if it differs from defaults."""
+    now = json.loads(current.to_json_best_effort())
+    base = _flat(json.loads(defaults().to_json_best_effort()))
+    old, new = _schedule_view(_flat(saved)), _schedule_view(_flat(now))
+    changes = {}
+    for key, value in new.items():
+        if key.startswith(RESUME_MAY_CHANGE):
+            continue
+        before = old.get(key, base.get(key, value))
+        if before != value:
+            changes[key] = (before, value)
+    return changes

@@ -127,7 +127,7 @@ def export_checkpoint(
     _, abstract_params, _ = build_model(cfg, mesh, sharding.DEFAULT_RULES, seed=0)
     params = checkpoint.load_params(step_dir, abstract_params)
     extra = {k: source[k] for k in CARRIED_FIELDS if k in source}
-    return hf.save_pretrained(
+    out = hf.save_pretrained(
         params,
         cfg,
         out_dir,
@@ -136,6 +136,12 @@ def export_checkpoint(
         extra_config=extra,
         tokenizer_from=tokenizer,
     )
+    run = _read_json_item(step_dir, "config")
+    if tokenizer is None and run.get("data", {}).get("tokenizer") == "bytes":
+        # The run read UTF-8 bytes: the export carries that tokenizer as a tokenizer.json, so
+        # `evaluate --checkpoint <export>` and transformers tokenize the same way.
+        hf.write_byte_tokenizer(out)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,7 +90,8 @@ class MetricsWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for name, value in scalars.items():
-            self.tensorboard.add_scalar(name, float(value), int(step))
+            if np.isfinite(value):  # a skipped step's NaN stays in metrics.jsonl only
+                self.tensorboard.add_scalar(name, float(value), int(step))
         self.tensorboard.flush()
 
     def close(self) -> None:

@@ -23,9 +23,12 @@ class OptimConfig:
 
     @classmethod
     def from_config(cls, optim_cfg, *, train_steps: int) -> OptimConfig:
-        """The schedule spans `optim.decay_steps`, or the whole run when that is 0."""
+        """The schedule spans `optim.decay_steps`, or the whole run when that is 0; a warmup
+        that is not shorter than it is clipped to its length - 1."""
         values = optim_cfg.to_dict()
         total_steps = values.pop("decay_steps") or train_steps
+        # A warmup as long as the schedule is clipped (validate warns): the peak is reached.
+        values["warmup_steps"] = min(values["warmup_steps"], max(total_steps - 1, 0))
         return cls(**values, total_steps=total_steps)
 
 

@@ -7,6 +7,7 @@ whole state goes in and out of `jax.jit` and into the checkpoint.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -82,6 +83,12 @@ def strided_micro_batches(x: jax.Array, count: int) -> jax.Array:
     return x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
 
 
+def all_finite(tree) -> jax.Array:
+    """True iff every floating-point leaf of `tree` is finite everywhere (bool [])."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def make_train_step(
     apply: Callable,
     tx: optax.GradientTransformation,
@@ -117,17 +124,25 @@ def make_train_step(
             (total, count, grads), _ = jax.lax.scan(accumulate, zero, micro)
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
+        loss, grad_norm = total / count, optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite loss, gradient or result skips the update: parameters and optimizer
+        # state stay as they were (so no checkpoint ever holds a non-finite state), the step
+        # counter moves on with the data, and the trainer counts the skip.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite((new_params, opt_state))
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
         new_state = {
             "step": state["step"] + 1,
-            "params": optax.apply_updates(params, updates),
-            "opt_state": opt_state,
+            "params": keep(new_params, params),
+            "opt_state": keep(opt_state, state["opt_state"]),
         }
         metrics = {
-            "loss": total / count,
-            "grad_norm": optax.global_norm(grads),
+            "loss": loss,
+            "grad_norm": grad_norm,
             "learning_rate": learning_rate(state["step"]),
             "tokens": count,
+            "nonfinite": (~finite).astype(jnp.int32),
         }
         return new_state, metrics
 

@@ -9,8 +9,10 @@ Restarting the same command resumes from the latest checkpoint in `workdir`.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -26,7 +28,9 @@ from ml_collections import config_flags
 
 from ctxext_jax import checkpoint, data, hf, sharding
 from ctxext_jax.cli import exit_on_user_error, parse_flags
-from ctxext_jax.config import validate
+from ctxext_jax.config import trajectory_changes, validate
+from ctxext_jax.divergence import NonFiniteGuard
+from ctxext_jax.errors import fail
 from ctxext_jax.evals import long_eval_subset
 from ctxext_jax.metrics import MetricsWriter, Progress, peak_flops_per_device, perplexity
 from ctxext_jax.model import ModelConfig, flops_per_token, param_count
@@ -168,19 +172,64 @@ def make_workdir(workdir: str) -> None:
 def preflight(config: ml_collections.ConfigDict) -> None:
     """The checks that read files, run after `validate` and before anything is built: the data
     and tokenizer (`data.preflight`) and the `checkpoint.init_from` source."""
-    data.preflight(data.DataConfig.from_config(config.data), vocab_size=config.model.vocab_size)
+    report = data.preflight(
+        data.DataConfig.from_config(config.data),
+        vocab_size=config.model.vocab_size,
+        hosts=jax.process_count(),
+    )
+    if report["undecodable"] and jax.process_index() == 0:
+        print(
+            f"warning: data.on_undecodable: {report['undecodable']} of {report['documents']} "
+            f"scanned documents hold bytes that are not UTF-8 (the first in "
+            f"{report['first_undecodable']}); they are read with U+FFFD replacements ('refuse' "
+            "stops instead).",
+            file=sys.stderr,
+            flush=True,
+        )
     if config.checkpoint.init_from:
         checkpoint.check_init_from(config.checkpoint.init_from)
 
 
+def check_resume(config, saved: dict, workdir: str, step: int, allow_change: bool) -> None:
+    """Refuses to resume with a config that changes the training trajectory (ConfigError naming
+    the keys), unless `allow_change`: then the change is printed and appended to
+    `workdir/config_changes.jsonl`."""
+    changes = trajectory_changes(saved, config)
+    if not changes:
+        return
+    listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changes.items()))
+    if not allow_change:
+        fail(
+            ", ".join(changes),
+            f"the checkpoint at step {step} in {workdir} was trained with other values "
+            f"({listing}), which change the training trajectory. Resume with the saved values, "
+            "start a new --workdir (checkpoint.init_from=<this run> takes its weights), or pass "
+            "--allow_config_change to continue with the change (it is recorded in the run); to "
+            "train longer on the same schedule set optim.decay_steps to the old length.",
+        )
+    print(f"warning: resuming step {step} with a changed config (--allow_config_change): "
+          f"{listing}", file=sys.stderr, flush=True)  # fmt: skip
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config_changes.jsonl"), "a") as f:
+            record = {"step": step, "time": time.time(), "changes": changes}
+            f.write(json.dumps(record, default=str) + "\n")
+
+
 def initial_state(program: Program, ckpt: checkpoint.Checkpointer, train_iter, model_cfg,
-                  init_from: str):  # fmt: skip
-    """-> (state, train_iter): resumed from `ckpt`'s latest step, else the weights of
-    `init_from` (a run or a Hugging Face folder) with a fresh optimizer, else a random init."""
-    if ckpt.latest_step() is not None:
+                  config, *, allow_config_change: bool = False):  # fmt: skip
+    """-> (state, train_iter): resumed from `ckpt`'s latest step (after `check_resume`), else
+    the weights of `checkpoint.init_from` (a run or a Hugging Face folder) with a fresh
+    optimizer, else a random init."""
+    latest = ckpt.latest_step()
+    if latest is not None:
+        saved = ckpt.saved_config(latest)
+        if saved is not None:
+            check_resume(config, saved, os.path.dirname(ckpt.directory), latest,
+                         allow_config_change)  # fmt: skip
         state, train_iter = ckpt.restore(program.abstract_state, train_iter)
         print(f"resumed from step {int(state['step'])} in {ckpt.directory}", flush=True)
         return state, train_iter
+    init_from = config.checkpoint.init_from
     if not init_from:
         return program.init_state(program.init_params()), train_iter
     if hf.is_hf_folder(init_from):  # a Hugging Face folder: config.json + safetensors
@@ -216,12 +265,16 @@ def evaluate_at(step: int, config, program: Program, params, data_cfg, tokenizer
     return results
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains (or resumes) the run in `workdir`; returns the final metrics."""
-    validate(config)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False) -> dict[str, float]:  # fmt: skip
+    """Trains (or resumes) the run in `workdir`; returns the final metrics.
+    allow_config_change: resume even if the config changes the trajectory (recorded)."""
+    for warning in validate(config):
+        if jax.process_index() == 0:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+    make_workdir(workdir)
     preflight(config)
     t, seq_len = config.train, config.data.seq_len
-    make_workdir(workdir)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
@@ -248,7 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         workdir, every=config.checkpoint.every, keep=config.checkpoint.keep
     )
     state, train_iter = initial_state(
-        program, ckpt, train_iter, model_cfg, config.checkpoint.init_from
+        program, ckpt, train_iter, model_cfg, config, allow_config_change=allow_config_change
     )
     start_step = int(state["step"])
 
@@ -267,19 +320,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             flush=True,
         )
     progress, last_time, last_step = Progress(t.steps, done=start_step), None, start_step
+    guard = NonFiniteGuard(t.max_nonfinite, lr=config.optim.lr, dtype=model_cfg.dtype,
+                           latest_saved=ckpt.latest_step)  # fmt: skip
+    pending = None  # the previous step's metrics, checked once the next step is dispatched
     final: dict[str, float] = {}
     try:  # an error below still lets the checkpoint writes in flight finish
         for step in range(start_step + 1, t.steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = device_batch(next(train_iter), program.batch_sharding)
                 state, metrics = program.train_step(state, batch)
+            if pending is not None:
+                guard.update(*pending)
+            pending = (step, metrics)
             if last_time is None:  # the first step compiles; time from its end
                 jax.block_until_ready(metrics)
                 last_time, last_step = time.perf_counter(), step
             if step % t.log_every == 0 or step == t.steps:
                 metrics = jax.device_get(metrics)
+                guard.update(step, metrics)
+                pending = None
                 elapsed = time.perf_counter() - last_time
-                scalars = {k: float(v) for k, v in metrics.items() if k != "tokens"}
+                scalars = {
+                    k: float(v) for k, v in metrics.items() if k not in ("tokens", "nonfinite")
+                }
+                scalars["skipped_steps"] = guard.skipped
                 if step > last_step:
                     tokens_per_sec = (step - last_step) * t.batch_size * seq_len / elapsed
                     scalars["tokens_per_sec"] = tokens_per_sec
@@ -302,6 +366,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     print(f"preempted: saving step {step}; rerun the same command to resume",
                           flush=True)  # fmt: skip
                 break
+        if pending is not None:
+            guard.update(*pending)
     finally:
         ckpt.close()  # waits for the last save
         preemption.close()
@@ -320,6 +386,11 @@ _DISTRIBUTED = flags.DEFINE_enum(
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, where no cluster manager tells it."
 )
+_ALLOW_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Resume even if the config changes the training trajectory (schedule, optimizer, batch, "
+    "data, model); the change is recorded in workdir/config_changes.jsonl.",
+)  # fmt: skip
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the job.")
 
@@ -347,7 +418,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     initialize_distributed()
     with exit_on_user_error():
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                           allow_config_change=_ALLOW_CHANGE.value)  # fmt: skip
 
 
 if __name__ == "__main__":

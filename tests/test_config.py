@@ -39,21 +39,88 @@ BAD = [
     ("model.rope", {"model.alibi": True}, "ALiBi"),
     ("model.vocab_size", {"model.vocab_size": 100}, "tokenizer"),
     ("model.attention_impl", {"model.attention_impl": "flash9"}, "flash9"),
-    ("optim.warmup_steps", {"optim.warmup_steps": 1000}, "warmup"),
+    ("optim.warmup_steps", {"optim.warmup_steps": -1}, "integer >= 0"),
     ("train.grad_accum", {"train.grad_accum": 3}, "micro-steps"),
     ("checkpoint.init_from", {"checkpoint.init_from": "/nonexistent/run"}, "does not exist"),
     ("data.tokenizer", {"data.tokenizer": "sentencepiece:/nonexistent.model"}, "nonexistent"),
     ("checkpoint.init_from", {"checkpoint.init_from": os.path.abspath(__file__)}, "is a file"),
     ("data.files", {"data.dataset": "files", "data.files": "/nonexistent/*.txt"}, "matches no"),
-]
+    # every field typed and ranged
+    ("optim.b1", {"optim.b1": 1.5}, "[0, 1)"),
+    ("optim.b1", {"optim.b1": -0.1}, "[0, 1)"),
+    ("optim.b2", {"optim.b2": 1.0}, "[0, 1)"),
+    ("optim.eps", {"optim.eps": -1e-8}, "> 0"),
+    ("optim.eps", {"optim.eps": 0.0}, "> 0"),
+    ("model.rms_eps", {"model.rms_eps": -1.0}, "> 0"),
+    ("model.init_std", {"model.init_std": -0.02}, "> 0"),
+    ("model.init_std", {"model.init_std": 0.0}, "> 0"),
+    ("optim.lr", {"optim.lr": 0.0}, "> 0"),
+    ("optim.lr", {"optim.lr": float("nan")}, "finite"),
+    ("optim.lr", {"optim.lr": "fast"}, "finite number"),
+    ("optim.min_lr_ratio", {"optim.min_lr_ratio": 1.5}, "[0, 1]"),
+    ("optim.weight_decay", {"optim.weight_decay": -0.1}, ">= 0"),
+    ("optim.grad_clip", {"optim.grad_clip": -1.0}, ">= 0"),
+    ("optim.decay_steps", {"optim.decay_steps": -1}, "integer >= 0"),
+    ("train.steps", {"train.steps": "abc"}, "positive integer, got 'abc'"),
+    ("train.steps", {"train.steps": 2.5}, "positive integer, got 2.5"),
+    ("train.batch_size", {"train.batch_size": True}, "positive integer"),
+    ("train.max_nonfinite", {"train.max_nonfinite": -1}, "integer >= 0"),
+    ("train.log_every", {"train.log_every": 0}, "positive integer"),
+    ("train.seed", {"train.seed": -1}, "integer >= 0"),
+    ("data.seed", {"data.seed": -1}, "integer >= 0"),
+    ("data.num_workers", {"data.num_workers": -1}, "integer >= 0"),
+    ("model.window", {"model.window": -1}, "integer >= 0"),
+    ("model.sinks", {"model.sinks": -2}, "integer >= 0"),
+    ("model.alibi", {"model.alibi": "yes"}, "true or false"),
+    ("model.scan_layers", {"model.scan_layers": 1}, "true or false"),
+    ("model.qk_norm", {"model.qk_norm": "no"}, "true or false"),
+    ("model.dtype", {"model.dtype": "float64"}, "unknown value"),
+    ("model.param_dtype", {"model.param_dtype": "float16"}, "unknown value"),
+    ("model.remat", {"model.remat": "sometimes"}, "unknown value"),
+    ("optim.schedule", {"optim.schedule": "exp"}, "unknown value"),
+    ("data.on_undecodable", {"data.on_undecodable": "ignore"}, "unknown value"),
+    ("data.tokenizer", {"data.tokenizer": 3}, "a string"),
+    ("eval.long_lengths", {"eval.long_lengths": (0,)}, "positive integers"),
+    ("eval.every_long", {"eval.every_long": -1}, "integer >= 0"),
+    ("eval.long_passkey_trials", {"eval.long_passkey_trials": 0}, "positive integer"),
+    ("checkpoint.keep", {"checkpoint.keep": 0}, "positive integer"),
+    ("checkpoint.every", {"checkpoint.every": -5}, "positive integer"),
+    ("eval.batch_size", {"eval.batch_size": 0}, "positive integer"),
+    ("model.head_dim", {"model.head_dim": 15}, "pairs"),
+    ("model.layer_pattern", {"model.layer_pattern": ""}, "non-empty"),
+    ("model.chunk", {"model.layer_pattern": "C"}, "chunk size"),
+    ("model.n_layers", {"model.layer_pattern": "GGG"}, "whole number"),
+    ("model.rope.original_max_position_embeddings",
+     {"model.rope": {"rope_type": "yarn", "factor": 4.0}}, "required"),
+    ("model.local_rope.factor",
+     {"model.layer_pattern": "L", "model.window": 8,
+      "model.local_rope": {"rope_type": "linear", "factor": 0.5}}, "factor"),
+    ("model.rope", {"model.rope": "yarn"}, "dict"),
+    ("eval.batch_size",
+     {"mesh.shape": {"data": 8, "fsdp": 1, "tensor": 1, "sequence": 1}, "eval.batch_size": 4},
+     "divisible"),
+    ("mesh.shape", {"mesh.shape": {"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1,
+                    "rows": 1}}, "unknown axes"),
+    # what the preflight reads
+    ("data.files", {"data.dataset": "files", "data.files": ""}, "needs a glob"),
+    ("data.tokenizer", {"data.tokenizer": "wordpiece"}, "not understood"),
+    ("data.tokenizer", {"data.tokenizer": "hf:/nonexistent/tokenizer.json"}, "does not exist"),
+    ("data.text_key", {"data.text_key": ""}, "empty"),
+    ("data.dataset", {"data.dataset": ""}, "empty"),
+    ("data.eval_split", {"data.eval_split": ""}, "empty"),
+    ("data.data_dir", {"data.data_dir": os.path.abspath(__file__)}, "not a directory"),
+]  # fmt: skip
 
 
 def _config(overrides):
-    config = tiny.get_config("test")
+    """tiny:test with `overrides`, each value taking its own type (as a config file could)."""
+    import ml_collections
+
+    tree = tiny.get_config("test").to_dict()
     for key, value in overrides.items():
         group, name = key.split(".", 1)
-        config[group][name] = value
-    return config
+        tree[group][name] = value
+    return ml_collections.ConfigDict(tree)
 
 
 def test_tiny_configs_are_valid():
@@ -64,14 +131,106 @@ def test_tiny_configs_are_valid():
 @pytest.mark.parametrize(
     "key,overrides,fragment", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)]
 )
-def test_validate_names_the_key(key, overrides, fragment):
-    with pytest.raises(ConfigError) as error:
-        config = _config(overrides)
-        validate(config)
-        preflight(config)
-    message = str(error.value)
-    assert message.startswith(key), message
-    assert fragment in message, message
+def test_validate_names_the_key(key, overrides, fragment, cli_outcome):
+    """Exit code 2, one line `error: <key>: ...` with the fragment, as the CLI prints it."""
+    config = _config(overrides)
+    code, lines = cli_outcome(lambda: (validate(config), preflight(config)))
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: {key}"), lines[0]
+    assert fragment in lines[0], lines[0]
+
+
+def test_bad_config_table_size():
+    assert len(BAD) >= 60
+
+
+def test_warnings_for_unused_or_unlikely_settings():
+    from ctxext_jax.optim import OptimConfig
+
+    config = _config({"model.sinks": 4, "model.chunk": 8,
+                      "model.local_rope": {"rope_type": "default"}, "data.seq_len": 128,
+                      "optim.warmup_steps": 100})  # fmt: skip
+    warnings = validate(config)
+    keys = [w.split(":")[0] for w in warnings]
+    assert keys == ["model.sinks", "model.chunk", "model.local_rope", "data.seq_len",
+                    "optim.warmup_steps"], warnings  # fmt: skip
+    assert "rope_type=yarn" in warnings[3] and "clipped to 7" in warnings[4]
+    assert OptimConfig.from_config(config.optim, train_steps=8).warmup_steps == 7
+    yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}
+    reach = validate(_config({"model.rope": yarn, "data.seq_len": 128}))
+    assert [w.split(":")[0] for w in reach] == ["data.seq_len"] and "reach" in reach[0]
+    assert (
+        validate(_config({"model.layer_pattern": "LG", "model.window": 8, "model.sinks": 2})) == []
+    )
+
+
+def test_rope_blocks_on_the_command_line():
+    from ctxext_jax.cli import apply_rope_flags, split_rope_flags
+
+    argv, ropes = split_rope_flags(["train", "--config.model.rope.rope_type=yarn",
+                                    "--config.model.rope.factor=4",
+                                    "--config.model.rope.original_max_position_embeddings=64",
+                                    "--config.train.steps=3"])  # fmt: skip
+    assert argv == ["train", "--config.train.steps=3"]
+    config = tiny.get_config("test")
+    apply_rope_flags(config, ropes)
+    assert config.model.rope.to_dict() == {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4,
+        "original_max_position_embeddings": 64,
+    }
+    validate(config)
+    block = '{"rope_type": "linear", "factor": 2.0}'
+    apply_rope_flags(config, split_rope_flags([f"--config.model.rope={block}"])[1])
+    assert config.model.rope.to_dict() == {"rope_type": "linear", "factor": 2.0}
+    apply_rope_flags(
+        config, split_rope_flags(["--config.model.local_rope={'rope_type': 'nope'}"])[1]
+    )
+    assert config.model.local_rope.to_dict() == {"rope_type": "nope"}
+    with pytest.raises(ConfigError, match="^model.rope: expected a JSON object"):
+        apply_rope_flags(config, split_rope_flags(["--config.model.rope=yarn"])[1])
+
+
+@pytest.mark.parametrize(
+    "args,code,first",
+    [
+        (["--help"], 0, None),
+        (["--config.train.steps=abc"], 2, "error: train.steps: expected an integer, got 'abc'"),
+        (["--config.optim.b1=x"], 2, "error: optim.b1: expected a number, got 'x'"),
+        (["--config.model.rope.rope_type=yarn", "--config.model.rope.factor=0.5",
+          "--config.model.rope.original_max_position_embeddings=64"], 2,
+         "error: model.rope.factor: got 0.5"),
+    ],
+    ids=["help", "int", "float", "rope-field"],
+)  # fmt: skip
+def test_flag_parsing_contract(args, code, first, capsys, monkeypatch):
+    """What the CLIs' flag parser does with --help and with ill-typed overrides, in-process."""
+    from ctxext_jax import train  # noqa: F401  (defines the trainer's flags)
+    from ctxext_jax.cli import parse_flags
+
+    argv = ["train", "--config", "configs/tiny.py:test", "--workdir", "/nonexistent", *args]
+    monkeypatch.setattr(sys, "argv", list(argv))
+
+    def parse_and_validate():
+        from absl import flags
+
+        parse_flags(list(argv))
+        validate(flags.FLAGS.config)
+
+    with pytest.raises(SystemExit) as stop:
+        try:
+            parse_and_validate()
+        except ConfigError as e:  # what main reports the same way
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+    out = capsys.readouterr()
+    assert stop.value.code == code
+    if first is None:
+        assert "USAGE" in out.out  # in-process the main module is pytest: no flag listing
+    else:
+        lines = out.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(first), lines
 
 
 def test_init_from_without_checkpoint(tmp_path):

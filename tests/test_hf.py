@@ -267,3 +267,21 @@ def test_export_refuses_what_hf_cannot_represent():
             cfg = dataclasses.replace(base, **changes)
             arch = "MistralForCausalLM" if "mix" in pattern else None
             hf.config_to_hf(cfg, architecture=arch)
+
+
+def test_extend_hf_composes_an_already_scaled_rope(tmp_path):
+    """configs/extend_hf.py keeps llama3 x8 as llama3 x32 over the same original length (never
+    YaRN over the scaled length), makes an unscaled rope YaRN, and refuses longrope."""
+    from configs.extend_hf import get_config
+
+    llama3 = str(tmp_path / "llama3")
+    make_model(llama3, "llama", "llama3")
+    make_tokenizer_files(llama3)
+    rope = get_config(llama3).model.rope.to_dict()
+    assert rope["rope_type"] == "llama3" and rope["factor"] == 32.0
+    assert rope["original_max_position_embeddings"] == ORIGINAL
+    longrope = str(tmp_path / "longrope")
+    make_model(longrope, "llama", "longrope")
+    make_tokenizer_files(longrope)
+    with pytest.raises(ValueError, match="already uses rope_type 'longrope'"):
+        get_config(longrope)

@@ -198,3 +198,78 @@ def test_damaged_checkpoint_is_one_short_error(straight_run, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: checkpoint step 8 "), result.stderr
     assert "Traceback" not in result.stderr and len(lines[0]) < 1000
+
+
+def test_divergence_skips_updates_and_stops_with_finite_checkpoints(tmp_path):
+    """optim.lr=1e12: the first blown-up steps are skipped (counted, printed), the run stops
+    after train.max_nonfinite of them with one error naming the steps and the learning rate
+    (exit code 3), and every checkpoint left holds finite parameters."""
+    import orbax.checkpoint as ocp
+
+    from ctxext_jax.divergence import NonFiniteError
+
+    config = _run_config(8)
+    config.optim.lr = 1e12
+    config.checkpoint.update(every=2, keep=1)
+    config.eval.every = 100  # no evaluation before the run stops
+    with pytest.raises(NonFiniteError) as error:
+        train_and_evaluate(config, str(tmp_path))
+    message = str(error.value)
+    assert error.value.exit_code == 3 and "\n" not in message
+    assert message.startswith("train.max_nonfinite: steps ") and "optim.lr=1e+12" in message
+    records = [m for m in read_metrics(str(tmp_path)) if "skipped_steps" in m]
+    assert records[-1]["skipped_steps"] >= 1 and not np.isfinite(records[-1]["loss"])
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps, "the last finite checkpoint was deleted"
+    for step in steps:
+        params = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / str(step) / "params")
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params)), step
+
+
+def test_resume_refuses_a_changed_trajectory(straight_run, tmp_path):
+    """The config saved with the checkpoint is compared on resume: a new learning rate is
+    refused with the key named, before any step; --allow_config_change records it."""
+    import json
+    import shutil
+
+    from ctxext_jax.config import ConfigError, trajectory_changes
+
+    workdir = tmp_path / "run"
+    shutil.copytree(straight_run[0], workdir)
+    changed = _run_config(9)
+    changed.optim.lr = 1e-3
+    with pytest.raises(ConfigError, match=r"^optim.lr: the checkpoint at step 8 .*0.003 -> 0.001"):
+        train_and_evaluate(changed, str(workdir))
+    assert max(m["step"] for m in read_metrics(str(workdir))) == 8
+    train_and_evaluate(changed, str(workdir), allow_config_change=True)
+    record = json.loads((workdir / "config_changes.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 8 and record["changes"] == {"optim.lr": [0.003, 0.001]}
+    assert max(m["step"] for m in read_metrics(str(workdir))) == 9
+    saved = json.loads(_run_config(8).to_json_best_effort())
+    same = _run_config(16)  # optim.decay_steps=8 keeps the schedule: training longer is fine
+    same.eval.every, same.mesh.shape.data = 2, 2
+    assert trajectory_changes(saved, same) == {}
+    longer = _run_config(16)
+    longer.optim.decay_steps, longer.data.seed, longer.model.rope.rope_theta = 0, 1, 5e5
+    assert set(trajectory_changes(saved, longer)) == {
+        "optim.decay_steps", "data.seed", "model.rope"
+    }  # fmt: skip
+
+
+def test_export_carries_the_byte_tokenizer(straight_run, tmp_path):
+    """A run on the bytes tokenizer exports a tokenizer.json that tokenizes the same way, so
+    `evaluate --checkpoint <export>` works on the exported folder."""
+    from ctxext_jax import convert
+    from ctxext_jax.data import ByteTokenizer, make_tokenizer
+    from ctxext_jax.evals.suite import EvalOptions
+    from ctxext_jax.evaluate import evaluate
+
+    out = convert.export_checkpoint(straight_run[0], str(tmp_path / "hf"))
+    text = "déjà vu\n\t<s> 日本 "
+    assert make_tokenizer(f"hf:{out}").encode(text) == ByteTokenizer().encode(text)
+    options = EvalOptions(lengths=(64,), metrics=("ppl",), ppl_tokens=256)
+    results = evaluate(tiny.get_config("test"), out, str(tmp_path / "eval"), options,
+                       progress=False)  # fmt: skip
+    assert results["data"]["tokenizer"] == f"hf:{out}" and np.isfinite(
+        results["perplexity"][0]["ppl"]
+    )

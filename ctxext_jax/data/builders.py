@@ -13,6 +13,7 @@ TFDS does this without TensorFlow installed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import pathlib
@@ -27,8 +28,10 @@ from etils import epath
 from ctxext_jax.data.splits import VALIDATION_PER_MILLE, split_of
 
 
+@functools.cache
 def stdlib_files() -> tuple[pathlib.Path, list[str]]:
-    """(stdlib root, sorted relative paths of its *.py files outside site-/dist-packages)."""
+    """(stdlib root, sorted relative paths of its *.py files outside site-/dist-packages); read
+    once per process (every builder instance names its config by them)."""
     root = pathlib.Path(sysconfig.get_paths()["stdlib"]).resolve()
     skip = {"site-packages", "dist-packages", "__pycache__"}
     paths = sorted(
@@ -77,7 +80,7 @@ def embedded_config_name() -> str:
 
 
 class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """A builder whose code path is this file.
+    """A builder whose code path is this file and whose preparation says it downloads nothing.
 
     TFDS 4.9.10 finds a packaged builder's code path through `importlib_resources`, which it
     only installs on Python < 3.9; naming the path here avoids that import.
@@ -87,6 +90,14 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     @classmethod
     def code_path(cls) -> epath.Path:
         return epath.Path(__file__)
+
+    # TFDS announces "Downloading and preparing dataset ..." before generating; nothing is
+    # downloaded here, so say what happens instead.
+    def _log_download_bytes(self) -> None:
+        print(f"preparing {self.name} (built locally, nothing is downloaded) in {self.data_dir}")
+
+    def _log_download_done(self) -> None:
+        print(f"prepared {self.name} in {self.data_dir}")
 
 
 class CtxextEmbedded(_LocalBuilder):

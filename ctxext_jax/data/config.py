@@ -28,6 +28,8 @@ class DataConfig:
     seq_len: packed row length T.
     seed: shuffle seed.
     num_workers: Grain worker processes; 0 reads in-process.
+    on_undecodable: text that is not valid UTF-8: "count" (read with U+FFFD replacements; the
+      preflight scan reports how many) or "refuse" (an error naming the file).
     """
 
     dataset: str = EMBEDDED
@@ -40,6 +42,7 @@ class DataConfig:
     seq_len: int = 256
     seed: int = 0
     num_workers: int = 0
+    on_undecodable: str = "count"
 
     def __post_init__(self):
         if not self.dataset:
@@ -66,6 +69,11 @@ class DataConfig:
         if self.num_workers < 0:
             raise ValueError(
                 f"data.num_workers={self.num_workers} must be >= 0 (0 reads in-process)."
+            )
+        if self.on_undecodable not in ("count", "refuse"):
+            raise ValueError(
+                f"data.on_undecodable={self.on_undecodable!r}: use 'count' (read with U+FFFD "
+                "replacements) or 'refuse'."
             )
         kind = self.tokenizer.split(":", 1)[0]
         if kind not in ("bytes", "sentencepiece", "hf") or (

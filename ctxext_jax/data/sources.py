@@ -23,23 +23,38 @@ from ctxext_jax.data.splits import split_of
 class TextSource:
     """Wraps a TFDS data source, keeping only the text feature, decoded to str."""
 
-    def __init__(self, records: Any, text_key: str, *, where: str):
+    def __init__(self, records: Any, text_key: str, *, where: str, strict: bool = False):
         self._records = records
         self._text_key = text_key
         self._where = where
+        self._errors = "strict" if strict else "replace"
 
     def __len__(self) -> int:
         return len(self._records)
 
     def __getitem__(self, index: int) -> str:
-        record = self._records[int(index)]
+        try:
+            record = self._records[int(index)]
+        except Exception as e:  # array_record raises RuntimeError and others for a bad shard
+            raise ValueError(
+                f"{self._where}: record {index} cannot be read ({str(e).splitlines()[0][:200]}); "
+                "a shard is damaged: delete the dataset's folder and prepare it again."
+            ) from None
         if self._text_key not in record:
             raise ValueError(
                 f"data.text_key={self._text_key!r} is not a feature of {self._where}; "
                 f"its features are {sorted(record)}."
             )
         text = record[self._text_key]
-        return text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+        if not isinstance(text, bytes):
+            return str(text)
+        try:
+            return text.decode("utf-8", errors=self._errors)
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"data.on_undecodable='refuse': record {index} of {self._where} is not UTF-8 "
+                f"(byte {e.start}); set data.on_undecodable='count' to read it with U+FFFD."
+            ) from None
 
     def __repr__(self) -> str:
         return f"TextSource({self._where}, key={self._text_key!r}, n={len(self)})"
@@ -51,23 +66,38 @@ class FilesSource:
     documents: sequence of (path, byte offset, byte length, is_jsonl).
     """
 
-    def __init__(self, documents: Sequence[tuple[str, int, int, bool]], text_key: str):
+    def __init__(self, documents: Sequence[tuple[str, int, int, bool]], text_key: str, *,
+                 strict: bool = False):  # fmt: skip
         self._documents = list(documents)
         self._text_key = text_key
+        self._errors = "strict" if strict else "replace"
 
     def __len__(self) -> int:
         return len(self._documents)
 
     def __getitem__(self, index: int) -> str:
         path, offset, length, is_jsonl = self._documents[int(index)]
-        with open(path, "rb") as f:
-            f.seek(offset)
-            raw = f.read(length)
-        if not is_jsonl:
-            return raw.decode("utf-8", errors="replace")
         try:
-            record = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                raw = f.read(length)
+        except OSError as e:
+            raise ValueError(
+                f"data.files: {path} cannot be read any more ({e.strerror}); restore it, or "
+                "drop it from the glob and resume."
+            ) from None
+        try:
+            text = raw.decode("utf-8", errors=self._errors)
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"data.on_undecodable='refuse': byte {offset + e.start} of {path} is not UTF-8; "
+                "fix the file or set data.on_undecodable='count' to read it with U+FFFD."
+            ) from None
+        if not is_jsonl:
+            return text
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
             raise ValueError(
                 f"data.files: the line at byte {offset} of {path} is not valid JSON ({e}); fix "
                 "or drop that line (a .jsonl file holds one JSON object per line)."
@@ -117,7 +147,8 @@ def _index_files(pattern: str) -> list[tuple[str, int, int, bool, str]]:
     return documents
 
 
-def files_split(pattern: str, text_key: str, split: str, *, key: str = "split") -> FilesSource:
+def files_split(pattern: str, text_key: str, split: str, *, key: str = "split",
+                strict: bool = False) -> FilesSource:  # fmt: skip
     """The "train" or "validation" documents of a glob, split by a hash of path(:line)."""
     if split not in ("train", "validation"):
         raise ValueError(
@@ -126,10 +157,10 @@ def files_split(pattern: str, text_key: str, split: str, *, key: str = "split") 
             "line, are validation)."
         )
     documents = [d[:4] for d in _index_files(pattern) if split_of(d[4]) == split]
-    return FilesSource(documents, text_key)
+    return FilesSource(documents, text_key, strict=strict)
 
 
-def _prepared_builder(cfg: DataConfig):
+def prepared_builder(cfg: DataConfig):
     """The embedded / synthetic builder, prepared into data_dir on first use, or a TFDS
     dataset the user prepared (never downloaded here: pg19 alone is 11 GB)."""
     import tensorflow_datasets as tfds
@@ -164,7 +195,7 @@ def _prepared_builder(cfg: DataConfig):
 
 
 def _tfds_split(cfg: DataConfig, split: str) -> tuple[TextSource, dict]:
-    builder = _prepared_builder(cfg)
+    builder = prepared_builder(cfg)
     where = f"data.dataset={cfg.dataset!r} ({builder.info.full_name})"
     try:
         records = builder.as_data_source(split=split)
@@ -181,7 +212,8 @@ def _tfds_split(cfg: DataConfig, split: str) -> tuple[TextSource, dict]:
         "provenance": dict(builder.info.metadata or {}),
         "data_dir": str(builder.data_dir),
     }
-    return TextSource(records, text_key, where=where), info
+    strict = cfg.on_undecodable == "refuse"
+    return TextSource(records, text_key, where=where, strict=strict), info
 
 
 def open_split(cfg: DataConfig, split: str) -> tuple[Sequence[str], dict]:
@@ -194,7 +226,9 @@ def open_split(cfg: DataConfig, split: str) -> tuple[Sequence[str], dict]:
         split, "split"
     )
     if cfg.dataset == FILES:
-        source = files_split(cfg.files, cfg.text_key, split, key=key)
+        source = files_split(
+            cfg.files, cfg.text_key, split, key=key, strict=cfg.on_undecodable == "refuse"
+        )
         info = {"name": "files", "files": cfg.files}
     else:
         source, info = _tfds_split(cfg, split)

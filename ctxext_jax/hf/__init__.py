@@ -19,6 +19,7 @@ from ctxext_jax.hf.export import (
     default_architecture,
     save_pretrained,
     tokenizer_spec,
+    write_byte_tokenizer,
 )
 from ctxext_jax.hf.layout import ARCHITECTURES, HF_ROPE_TYPES
 from ctxext_jax.hf.load import (
@@ -45,6 +46,7 @@ __all__ = [
     "config_from_hf",
     "config_to_hf",
     "copy_tokenizer",
+    "write_byte_tokenizer",
     "default_architecture",
     "family_of",
     "from_pretrained",

@@ -226,3 +226,37 @@ def copy_tokenizer(src: str, out_dir: str) -> list[str]:
             shutil.copy(os.path.join(src, name), os.path.join(out_dir, name))
             copied.append(name)
     return copied
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, which byte-level pre-tokenizing uses."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b], extra = chr(256 + extra), extra + 1
+    return table
+
+
+def write_byte_tokenizer(out_dir: str) -> None:
+    """Writes tokenizer.json + tokenizer_config.json equal to the `bytes` tokenizer (pad 0, bos 1,
+    eos 2, byte b -> b + 3): byte-level pre-tokenizing and a BPE without merges map each UTF-8
+    byte to one token, so `hf:<out_dir>` and transformers' fast tokenizer give the same ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({char: b + 3 for b, char in _bytes_to_unicode().items()})
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    # The specials stay plain vocabulary entries (not added tokens), so "</s>" in a text is
+    # bytes, as with the bytes tokenizer.
+    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+             "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": False},
+            f, indent=2,
+        )  # fmt: skip
