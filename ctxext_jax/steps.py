@@ -98,7 +98,8 @@ def make_train_step(
 ) -> Callable:
     """-> train_step(state, batch) -> (state, metrics). With `grad_accum` > 1 the batch is split
     into micro-batches scanned in order; gradients of the summed loss are added and divided by
-    the total token count once, so the update equals the one of the whole batch at once."""
+    the total token count once, so the update equals the one of the whole batch at once.
+    metrics["nonfinite"] is 1 where the update was skipped (non-finite loss, gradient or result)."""
 
     def grads_of(params, batch):
         def summed(p):

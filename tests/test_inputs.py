@@ -224,3 +224,32 @@ def test_local_builders_announce_no_download(tmp_path, capfd):
     CtxextTestShards(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
     out = capfd.readouterr().out
     assert "Downloading" not in out and "nothing is downloaded" in out
+
+
+def test_an_error_exit_lets_checkpoint_writes_finish(tmp_path, cli_outcome):
+    """An error raised while a checkpoint is being written asynchronously exits 2 with one line
+    only after the write has committed (the step folder is final, not Orbax's tmp folder)."""
+    import jax.numpy as jnp
+
+    from ctxext_jax.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(str(tmp_path), every=1, keep=1)
+    state = {"step": jnp.int32(1), "params": {"w": jnp.ones((512, 512))},
+             "opt_state": {"m": jnp.zeros((512, 512))}}  # fmt: skip
+
+    class Data:  # the data iterator's checkpointed surface: one stream at position 0
+        num_streams, streams = 1, (0,)
+
+        def get_state(self):
+            return {0: {"position": 0}}
+
+    data = Data()
+
+    def error_during_a_write():
+        ckpt.save(1, state, data, config_json="{}", model_json="{}", force=True)
+        raise ValueError("data.files: gone")
+
+    code, lines = cli_outcome(error_during_a_write)
+    assert code == 2 and lines == ["error: data.files: gone"]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["1"]
+    assert (tmp_path / "checkpoints" / "1" / "params").is_dir()
