@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -24,7 +25,6 @@ from ctxext_jax import sharding
 from ctxext_jax.decode.cache import CacheMode, DecodeStep, cache_axes, init_caches
 from ctxext_jax.decode.sampling import Sampling, sample
 from ctxext_jax.model import Decoder, ModelConfig
-from ctxext_jax.steps import token_losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +136,7 @@ def _score_chunk(params, caches, tokens, targets, start, count, *, cfg):
     valid = jnp.broadcast_to(jnp.arange(T)[None, :] < count, (B, T))
     model = _decoder(cfg, params)
     hidden, caches = model.decode(tokens, DecodeStep(positions, valid), caches)
-    losses = token_losses(model.logits(hidden), targets)
+    losses = optax.softmax_cross_entropy_with_integer_labels(model.logits(hidden), targets)
     return caches, jnp.where(valid, losses, 0.0)
 
 
