@@ -31,6 +31,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from shapes import SHAPES
 
 from ctxext_jax import sharding
 from ctxext_jax.config import defaults
@@ -40,42 +41,6 @@ from ctxext_jax.model import REMAT_POLICIES, ModelConfig, flops_per_token, param
 from ctxext_jax.optim import OptimConfig
 from ctxext_jax.train import build_program, device_batch
 
-SHAPES = {
-    # configs/tiny.py's model
-    "tiny": dict(
-        vocab_size=320,
-        d_model=128,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=32,
-        mlp_dim=384,
-        dtype="float32",
-    ),  # fmt: skip
-    # the 336M long-context shape of the memory study (Llama layout, 32k vocabulary)
-    "336m": dict(
-        vocab_size=32000,
-        d_model=1024,
-        n_layers=24,
-        n_heads=16,
-        n_kv_heads=4,
-        head_dim=64,
-        mlp_dim=2816,
-        dtype="bfloat16",
-    ),  # fmt: skip
-    # Llama 3.2 1B (configs/llama_1b.py with the Llama 3 vocabulary)
-    "1b": dict(
-        vocab_size=128256,
-        d_model=2048,
-        n_layers=16,
-        n_heads=32,
-        n_kv_heads=8,
-        head_dim=64,
-        mlp_dim=8192,
-        tie_embeddings=True,
-        dtype="bfloat16",
-    ),  # fmt: skip
-}
 GiB = 2**30
 
 
