@@ -16,10 +16,11 @@ vocabulary 32000 (bfloat16 parameters and compute). Batch --batch, one prompt of
 
 Each time is the fastest of --repeats runs after a warm-up call that compiles. With
 --torch (default on CPU), transformers' LlamaForCausalLM of the same shape (eager attention on
-CPU, sdpa on a GPU; its DynamicCache, `generate`) is timed the same way in the same run: the ratio is the
-meaningful figure on a loaded CPU. Torch runs on one thread by default (--torch_threads): on
-a shared 2-core machine its default thread pool spins against the other processes and was 8x
-slower per token (490 against 58 ms for the tiny shape at C=256, load average 15).
+CPU, sdpa on a GPU; its DynamicCache, `generate`) is timed the same way in the same run: the
+ratio is the meaningful figure on a loaded CPU. Torch runs on one thread by default
+(--torch_threads): on a shared 2-core machine its default thread pool spins against the other
+processes and was 8x slower per token (490 against 58 ms for the tiny shape at C=256, load
+average 15).
 """
 
 from __future__ import annotations
