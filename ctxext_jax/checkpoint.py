@@ -249,10 +249,6 @@ class Checkpointer:
         except Exception:  # a damaged item: the restore reports the step
             return None
 
-    def reached_preemption(self, step: int) -> bool:
-        """True once every host has reached the sync point after a preemption notice."""
-        return self.manager.reached_preemption(step)
-
     def restore(self, abstract_state: dict, data_iterator, step: int | None = None):
         """-> (state, data_iterator) at `step` (default latest), placed like `abstract_state`."""
         step = self.latest_step() if step is None else step

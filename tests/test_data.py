@@ -20,13 +20,13 @@ from ctxext_jax.data import (
     ByteTokenizer,
     DataConfig,
     builders,
-    dataset_info,
     eval_batches,
     eval_documents,
     make_tokenizer,
     train_iterator,
 )
 from ctxext_jax.data.pipeline import packed_rows
+from ctxext_jax.data.sources import document_tokens, open_split
 from ctxext_jax.data.splits import split_of
 
 RNG = np.random.default_rng()
@@ -98,7 +98,8 @@ def files_dir(tmp_path_factory):
 
 def test_embedded_builder_splits_and_provenance(data_dir):
     cfg = DataConfig(dataset="embedded", data_dir=data_dir)
-    info = dataset_info(cfg, count_tokens=False)
+    train_docs, info = open_split(cfg, "train")
+    val_docs, _ = open_split(cfg, "validation")
     root, paths = builders.stdlib_files()
     prov = info["provenance"]
     assert prov["python_version"] and prov["stdlib_path"] == str(root)
@@ -107,8 +108,7 @@ def test_embedded_builder_splits_and_provenance(data_dir):
     assert prov["file_list_sha256"] == want_hash and want_hash in info["description"]
     assert prov["python_version"] == platform.python_version()
     assert info["data_dir"].startswith(data_dir)
-    train = info["splits"]["train"]["documents"]
-    val = info["splits"]["validation"]["documents"]
+    train, val = len(train_docs), len(val_docs)
     # A few deliberately undecodable test files are dropped; everything else is a document.
     assert 0.95 * len(paths) <= train + val <= len(paths)
     assert 0.02 < val / (train + val) < 0.09
@@ -288,10 +288,9 @@ def test_files_dataset_txt_and_jsonl(files_dir):
     val = list(eval_documents(cfg, "validation"))
     assert sorted(train + val) == sorted(texts) and not set(train) & set(val)
     assert val  # 100 documents at ~5% land some in validation with this fixed seed
-    info = dataset_info(cfg)
-    assert info["splits"]["train"]["documents"] == len(train)
-    want_tokens = sum(len(t.encode()) + 2 for t in train)
-    assert info["splits"]["train"]["tokens"] == want_tokens
+    # A document's tokens are its bytes between bos and eos.
+    tok = ByteTokenizer()
+    assert [len(document_tokens(tok, t)) for t in train] == [len(t.encode()) + 2 for t in train]
     jsonl_only = DataConfig(dataset="files", files=str(root / "*.jsonl"))
     assert (
         len(list(eval_documents(jsonl_only, "train"))) + len(list(eval_documents(jsonl_only))) == 60
@@ -529,9 +528,9 @@ def test_worker_processes_match_and_restore(files_dir):
 
 def test_synthetic_key_recall_documents(data_dir):
     cfg = DataConfig(dataset="synthetic", data_dir=data_dir)
-    info = dataset_info(cfg, count_tokens=False)
-    assert info["provenance"]["seed"] == builders.CtxextSynthetic.SEED
-    counts = {s: info["splits"][s]["documents"] for s in ("train", "validation")}
+    splits = {s: open_split(cfg, s) for s in ("train", "validation")}
+    assert splits["train"][1]["provenance"]["seed"] == builders.CtxextSynthetic.SEED
+    counts = {s: len(documents) for s, (documents, _) in splits.items()}
     assert counts == builders.CtxextSynthetic.NUM_DOCUMENTS
     docs = list(eval_documents(cfg))
     lengths = [len(d) for d in docs]

@@ -4,7 +4,6 @@ tokenizers (bytes, SentencePiece, HF tokenizers) and the packed Grain pipeline."
 from ctxext_jax.data.config import DataConfig
 from ctxext_jax.data.pipeline import (
     BATCH_KEYS,
-    dataset_info,
     eval_batches,
     eval_documents,
     train_iterator,
@@ -26,7 +25,6 @@ __all__ = [
     "HFTokenizer",
     "SentencePieceTokenizer",
     "Tokenizer",
-    "dataset_info",
     "eval_batches",
     "eval_documents",
     "global_train_iterator",

@@ -22,7 +22,6 @@ small JSON-serialisable dict (what `grain.checkpoint.CheckpointHandler` stores).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -224,33 +223,3 @@ def eval_documents(cfg: DataConfig, split: str | None = None) -> Iterator[str]:
     documents, _ = open_split(cfg, split or cfg.eval_split)
     for i in range(len(documents)):
         yield documents[i]
-
-
-def dataset_info(cfg: DataConfig, *, count_tokens: bool = True) -> dict[str, Any]:
-    """Name, provenance, tokenizer and per-split document (and token) counts.
-
-    Token counts include bos and eos and need one pass over the split; pass
-    count_tokens=False for large datasets.
-    """
-    tokenizer = make_tokenizer(cfg.tokenizer)
-    info: dict[str, Any] = {
-        "config": dataclasses.asdict(cfg),
-        "tokenizer": {
-            "spec": cfg.tokenizer,
-            "vocab_size": int(tokenizer.vocab_size),
-            "bos_id": int(tokenizer.bos_id),
-            "eos_id": int(tokenizer.eos_id),
-            "pad_id": int(tokenizer.pad_id),
-        },
-        "splits": {},
-    }
-    for split in dict.fromkeys((cfg.train_split, cfg.eval_split)):
-        documents, description = open_split(cfg, split)
-        info.update(description)
-        counts = {"documents": len(documents)}
-        if count_tokens:
-            counts["tokens"] = int(
-                sum(len(document_tokens(tokenizer, documents[i])) for i in range(len(documents)))
-            )
-        info["splits"][split] = counts
-    return info
