@@ -341,6 +341,10 @@ def test_refusals():
     assert "ALiBi" in supports("cudnn", Mask(), alibi=True, **gpu)
     assert "bfloat16" in supports("cudnn", Mask(), platform="gpu", dtype=jnp.float32)
     assert supports("cudnn", Mask(window=8), **gpu) is None
+    seg = jnp.zeros((1, 16384), jnp.int32)  # packed rows: a dense mask, short lengths only
+    docs = Mask(q_segment_ids=seg, kv_segment_ids=seg)
+    assert "dense [B, 1, T, S] mask" in supports("cudnn", docs, T=16384, S=16384, **gpu)
+    assert supports("cudnn", docs, T=4096, S=4096, **gpu) is None
     assert "GPU" in supports("cudnn", Mask(), platform="cpu")
     assert "TPU" in supports("splash", Mask(), platform="gpu")
     assert "bias" in supports("splash", Mask(), bias=True, **tpu)

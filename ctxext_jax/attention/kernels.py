@@ -30,6 +30,11 @@ IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
 # CPU: the dense reference only wins for tiny T x S (benchmarks/attention.py: blockwise is
 # already ~3x faster at T = S = 512).
 _XLA_MAX_ELEMENTS = 1 << 16
+# cudnn: packed documents / per-document positions need a dense [B, 1, T, S] mask through the
+# public jax.nn.dot_product_attention (JAX 0.10 and 0.11 take per-row lengths only; cuDNN's
+# per-document offsets are reachable only through jax._src). Allowed up to 8192 x 8192 (short
+# evaluation windows); longer packed rows run blockwise.
+_CUDNN_DENSE_MASK_MAX = 1 << 26
 _SPLASH_BLOCK = 128
 
 
@@ -73,6 +78,14 @@ def supports(
             return f"cuDNN flash attention needs bfloat16 or float16 inputs, got {dtype}"
         if head_dim is not None and (head_dim % 8 or head_dim > 256):
             return f"cuDNN needs head_dim a multiple of 8 and <= 256, got {head_dim}"
+        if T is not None and S is not None and _needs_dense_mask(mask, T, S):
+            if T * S > _CUDNN_DENSE_MASK_MAX:
+                return (
+                    "cuDNN through jax.nn.dot_product_attention has no per-document offsets, "
+                    "so packed documents (segment ids), per-document positions or a query "
+                    f"offset need a dense [B, 1, T, S] mask, refused at T x S = {T} x {S} "
+                    f"(> {_CUDNN_DENSE_MASK_MAX:,} elements); use blockwise (what auto picks)"
+                )
         return None
     # splash
     if platform != "tpu":
