@@ -57,19 +57,35 @@ def _decay_mask(params):
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """Clip by global norm, then AdamW. Gradient accumulation is done in the train step itself
-    (a scan over micro-batches), so the optimizer always sees one averaged gradient per step."""
-    parts = []
-    if cfg.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-    parts.append(
-        optax.adamw(
-            learning_rate_schedule(cfg),
-            b1=cfg.b1,
-            b2=cfg.b2,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            mask=_decay_mask,
+    """Clip by global norm, then AdamW at the learning rate held in the state's hyperparameters,
+    which the train step sets from the step number (`with_learning_rate`) before each update.
+    So the schedule follows the step shown in the metrics, also after skipped (non-finite)
+    steps, whose update is dropped while Adam's moments and bias-correction count stay as they
+    were (optax.apply_if_finite keeps those the same way, but its schedule would fall one step
+    behind per skip). Gradient accumulation is done in the train step itself (a scan over
+    micro-batches), so the optimizer always sees one averaged gradient per step."""
+
+    def clipped_adamw(learning_rate):
+        parts = []
+        if cfg.grad_clip > 0:
+            parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+        parts.append(
+            optax.adamw(
+                learning_rate,
+                b1=cfg.b1,
+                b2=cfg.b2,
+                eps=cfg.eps,
+                weight_decay=cfg.weight_decay,
+                mask=_decay_mask,
+            )
         )
-    )
-    return optax.chain(*parts)
+        return optax.chain(*parts)
+
+    return optax.inject_hyperparams(clipped_adamw)(learning_rate=cfg.lr)
+
+
+def with_learning_rate(opt_state, learning_rate: jax.Array):
+    """`make_optimizer`'s state with the learning rate of its next update set."""
+    current = opt_state.hyperparams["learning_rate"]
+    hyperparams = {**opt_state.hyperparams, "learning_rate": learning_rate.astype(current.dtype)}
+    return opt_state._replace(hyperparams=hyperparams)

@@ -19,6 +19,7 @@ from flax import nnx
 
 from ctxext_jax import sharding
 from ctxext_jax.model import Decoder, param_axes
+from ctxext_jax.optim import with_learning_rate
 
 
 def make_apply(graphdef: nnx.GraphDef, abstract_state: nnx.State) -> Callable:
@@ -96,10 +97,12 @@ def make_train_step(
     grad_accum: int,
     learning_rate: optax.Schedule,
 ) -> Callable:
-    """-> train_step(state, batch) -> (state, metrics). With `grad_accum` > 1 the batch is split
-    into micro-batches scanned in order; gradients of the summed loss are added and divided by
-    the total token count once, so the update equals the one of the whole batch at once.
-    metrics["nonfinite"] is 1 where the update was skipped (non-finite loss, gradient or result)."""
+    """-> train_step(state, batch) -> (state, metrics). `tx` is `optim.make_optimizer`'s; its
+    learning rate is set to `learning_rate(step)` before each update. With `grad_accum` > 1 the
+    batch is split into micro-batches scanned in order; gradients of the summed loss are added
+    and divided by the total token count once, so the update equals the one of the whole batch
+    at once. metrics["nonfinite"] is 1 where the update was skipped (non-finite loss, gradient
+    or result)."""
 
     def grads_of(params, batch):
         def summed(p):
@@ -126,11 +129,14 @@ def make_train_step(
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         loss, grad_norm = total / count, optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        lr = learning_rate(state["step"])  # the schedule follows the step number
+        opt_state = with_learning_rate(state["opt_state"], lr)
+        updates, opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         # A non-finite loss, gradient or result skips the update: parameters and optimizer
-        # state stay as they were (so no checkpoint ever holds a non-finite state), the step
-        # counter moves on with the data, and the trainer counts the skip.
+        # state (Adam's moments and count) stay as they were, so no checkpoint ever holds a
+        # non-finite state; the step counter, and with it the schedule, moves on with the
+        # data, and the trainer counts the skip.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite((new_params, opt_state))
         keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
         new_state = {
@@ -141,7 +147,7 @@ def make_train_step(
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "learning_rate": learning_rate(state["step"]),
+            "learning_rate": lr,  # the one this step's update used
             "tokens": count,
             "nonfinite": (~finite).astype(jnp.int32),
         }

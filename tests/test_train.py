@@ -12,7 +12,7 @@ from ctxext_jax import sharding
 from ctxext_jax.config import validate
 from ctxext_jax.metrics import read_metrics
 from ctxext_jax.model import ModelConfig
-from ctxext_jax.optim import OptimConfig
+from ctxext_jax.optim import OptimConfig, learning_rate_schedule
 from ctxext_jax.train import build_program, device_batch, train_and_evaluate
 
 
@@ -40,12 +40,12 @@ def _random_batch(rng, batch, seq_len, vocab):
     }
 
 
-def _run(config, mesh_shape, batches, devices):
+def _program(config, mesh_shape, devices):
     config.mesh.shape.update(mesh_shape)
     validate(config, num_devices=len(devices))
     mesh_cfg = sharding.MeshConfig.from_config(config.mesh)
     mesh = sharding.make_mesh(mesh_cfg, devices)
-    program = build_program(
+    return build_program(
         ModelConfig.from_config(config.model),
         OptimConfig.from_config(config.optim, train_steps=config.train.steps),
         mesh,
@@ -53,12 +53,23 @@ def _run(config, mesh_shape, batches, devices):
         grad_accum=config.train.grad_accum,
         seed=0,
     )
+
+
+def _steps(program, batches):
+    """-> [(state before, state after, metrics)] on the host, from a fresh init."""
     state = program.init_state(program.init_params())
-    losses = []
+    out = []
     for batch in batches:
+        before = jax.device_get(state)
         state, metrics = program.train_step(state, device_batch(batch, program.batch_sharding))
-        losses.append(float(metrics["loss"]))
-    return losses, jax.device_get(state["params"])
+        out.append((before, jax.device_get(state), jax.device_get(metrics)))
+    return out
+
+
+def _run(config, mesh_shape, batches, devices, program=None):
+    program = program or _program(config, mesh_shape, devices)
+    steps = _steps(program, batches)
+    return [float(m["loss"]) for _, _, m in steps], steps[-1][1]["params"]
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +87,14 @@ def step_batches():
 
 
 @pytest.fixture(scope="module")
-def single_device_run(step_config, step_batches):
+def single_device_program(step_config):
     single = {"data": 1, "fsdp": 1, "tensor": 1}
-    return _run(step_config.copy_and_resolve_references(), single, step_batches, jax.devices()[:1])
+    return _program(step_config.copy_and_resolve_references(), single, jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def single_device_run(step_batches, single_device_program):
+    return _run(None, None, step_batches, None, single_device_program)
 
 
 @pytest.mark.parametrize(
@@ -114,6 +130,42 @@ def test_gradient_accumulation_equals_whole_batch(step_config, step_batches, sin
     np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                  params, reference)  # fmt: skip
+
+
+def test_a_skipped_step_applies_nothing_and_the_schedule_follows_the_step(
+    step_config, step_batches, single_device_program
+):
+    """A NaN loss weight at step 2 makes its loss non-finite: parameters and optimizer state
+    (Adam's moments and count) come out of it bit-identical, the learning rate logged at each
+    step is the schedule's at that step, and step 3 makes the update the run without the bad
+    batch makes at its step 2, scaled by the two steps' learning rates (AdamW's update is
+    linear in it): the schedule did not fall behind."""
+    good, good2 = step_batches
+    bad = dict(good2, loss_mask=good2["loss_mask"].copy())
+    bad["loss_mask"][3, 10] = np.nan
+    skipped = _steps(single_device_program, [good, bad, good2])
+    straight = _steps(single_device_program, [good, good2])
+
+    assert [int(m["nonfinite"]) for _, _, m in skipped] == [0, 1, 0]
+    assert not np.isfinite(skipped[1][2]["loss"])
+    before, after, _ = skipped[1]
+    assert int(after["step"]) == int(before["step"]) + 1
+    unchanged = lambda state: (state["params"], state["opt_state"])  # noqa: E731
+    jax.tree.map(np.testing.assert_array_equal, unchanged(after), unchanged(before))
+    schedule = learning_rate_schedule(
+        OptimConfig.from_config(step_config.optim, train_steps=step_config.train.steps)
+    )
+    lrs = [float(m["learning_rate"]) for _, _, m in skipped]
+    np.testing.assert_allclose(lrs, [float(schedule(s)) for s in range(3)], rtol=1e-6)
+    assert lrs[2] != lrs[1] > 0  # the test tells the two schedules apart
+
+    def update(before, after):
+        return jax.tree.map(np.subtract, after["params"], before["params"])
+
+    want = jax.tree.map(lambda u: u * (lrs[2] / lrs[1]), update(*straight[1][:2]))
+    # atol: float32 rounding of parameters near 1 (the updates are ~1e-3)
+    jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-7),
+                 update(*skipped[2][:2]), want)  # fmt: skip
 
 
 def _run_config(steps):
