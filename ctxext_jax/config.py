@@ -412,6 +412,21 @@ def _validate_mesh(config, num_devices: int, process_count: int) -> None:
         fail("eval.batch_size", "must be divisible by the mesh axes that shard 'batch'.")
 
 
+# Why a context-parallel strategy runs the blockwise kernel locally on every platform.
+_CP_NEEDS = {
+    "ring": (
+        "the ring merges hops by a float32 log-sum-exp and differentiates against the merged "
+        "one (cuDNN returns it in the input dtype with no gradient entry for it; splash's is "
+        "not differentiable)"
+    ),
+    "all_gather": (
+        "each device's queries sit at per-device offsets (two chunks under zigzag) that "
+        "cuDNN's public mask and splash's static one cannot express without a dense [T/n, T] "
+        "mask"
+    ),
+}
+
+
 def _validate_context_parallel(config, mesh_config, sizes) -> None:
     from ctxext_jax.attention import context_parallel as cp
 
@@ -435,9 +450,10 @@ def _validate_context_parallel(config, mesh_config, sizes) -> None:
     if m.attention_impl not in ("auto", "blockwise"):
         fail(
             "model.attention_impl",
-            f"{m.attention_impl!r} cannot run on a sequence-sharded mesh (mesh.shape.{active[0]}"
-            f"={n}): context parallelism runs the blockwise kernel on each device's rows; set "
-            "'auto' or 'blockwise', or mesh.shape.sequence=1.",
+            f"{m.attention_impl!r} cannot run under model.context_parallel="
+            f"{m.context_parallel!r} (mesh.shape.{active[0]}={n}): each device runs the blockwise "
+            f"kernel on its tiles, because {_CP_NEEDS[m.context_parallel]}; set 'auto' or "
+            "'blockwise', or mesh.shape.sequence=1.",
         )
     try:  # evaluation pads its windows to whole chunks itself
         cp.check_length(config.data.seq_len, n, m.context_parallel_balance, key="length")

@@ -270,32 +270,94 @@ def test_segment_isolation(backend, pattern):
     assert float(jnp.abs(moved[0, ~others] - base[0, ~others]).max()) > 1e-2
 
 
-def test_splash_interpret_matches_xla_with_sinks():
-    """The splash path (Pallas interpreter) honours window + sinks + segments like xla."""
+def _mesh(**sizes):
+    from ctxext_jax import sharding
+
+    shape = tuple((a, sizes.get(a, 1)) for a in sharding.MESH_AXES)
+    devices = jax.devices()[: int(np.prod(list(sizes.values())))]
+    return sharding.make_mesh(sharding.MeshConfig(shape=shape), devices), sharding.DEFAULT_RULES
+
+
+def test_splash_interpret_matches_xla_with_sinks_per_device():
+    """The splash path (Pallas interpreter) honours window + sinks + segments like xla, run the
+    way `attention` runs a fused kernel on a mesh: `on_mesh` over data x tensor, each device on
+    its own batch row and GQA group."""
     T = 128
     seg, _ = documents(2, T, [[60], [100]])
     s = jnp.asarray(seg)
     mask = Mask(window=20, sinks=4, q_segment_ids=s, kv_segment_ids=s)
-    keys = jax.random.split(jax.random.key(np.random.randint(1 << 30)), 3)
-    q = jax.random.normal(keys[0], (2, T, 4, 16))
-    k = jax.random.normal(keys[1], (2, T, 2, 16))
-    v = jax.random.normal(keys[2], (2, T, 2, 16))
-    got = kernels._splash(q, k, v, mask, 0.25, 3.0, interpret=True)
-    want = attention(q, k, v, mask=mask, scale=0.25, softcap=3.0, implementation="xla")
+    rng = np.random.default_rng()
+    q = rng.normal(size=(2, T, 4, 16)).astype(np.float32)
+    k, v = (rng.normal(size=(2, T, 2, 16)).astype(np.float32) for _ in range(2))
+    mesh, rules = _mesh(data=2, tensor=2)
+
+    def splash(q, k, v, mask, bias, slopes):
+        assert q.shape == (1, T, 2, 16) and k.shape == (1, T, 1, 16)  # one row, one group
+        return kernels._splash(q, k, v, mask, 0.25, 3.0, interpret=True)
+
+    got = jax.jit(lambda q, k, v: kernels.on_mesh(splash, q, k, v, mask=mask, mesh=mesh,
+                                                  rules=rules))(q, k, v)  # fmt: skip
+    want = jax.jit(lambda q, k, v: attention(q, k, v, mask=mask, scale=0.25, softcap=3.0,
+                                             implementation="xla"))(q, k, v)  # fmt: skip
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_kernel_wrapper_is_per_device_on_a_mesh():
+    """`on_mesh` (what cudnn and splash run in on a mesh) with the dense kernel standing in for
+    the fused one, on data x fsdp x tensor: output and gradients (q, k, v, bias, ALiBi slopes)
+    equal the single-device ones, and the compiled step holds no all-gather (batch rows and
+    heads stay on their device; only the replicated bias and slopes sum their gradients)."""
+    B, T, H, K, D = 4, 16, 4, 2, 8
+    rng = np.random.default_rng()  # numpy inputs: no eager XLA op (each compiles, ~1 s)
+    q, w = (rng.normal(size=(B, T, H, D)).astype(np.float32) for _ in range(2))
+    k, v = (rng.normal(size=(B, T, K, D)).astype(np.float32) for _ in range(2))
+    bias = rng.normal(size=(1, H, T, T)).astype(np.float32)
+    slopes = jnp.asarray([0.5, 0.25, 0.125, 0.0625])
+    seg, pos = documents(B, T, [[5], [4, 7], [], [3]])
+    s, p = jnp.asarray(seg), jnp.asarray(pos)
+    mask = Mask(window=6, q_segment_ids=s, kv_segment_ids=s, q_positions=p, kv_positions=p)
+    mesh, rules = _mesh(data=2, fsdp=2, tensor=2)
+
+    def stand_in(q, k, v, mask, bias, slopes):
+        assert q.shape == (1, T, 2, D) and k.shape == (1, T, 1, D)
+        return kernels._xla(q, k, v, mask, bias, slopes, 0.3, None)
+
+    def loss(fn):
+        return lambda q, k, v, b, a: jnp.sum(fn(q, k, v, b, a) * w)
+
+    def sharded(q, k, v, b, a):
+        return kernels.on_mesh(stand_in, q, k, v, mask=mask, bias=b, alibi_slopes=a,
+                               mesh=mesh, rules=rules)  # fmt: skip
+
+    def single(q, k, v, b, a):
+        return attention(q, k, v, mask=mask, bias=b, alibi_slopes=a, scale=0.3,
+                         implementation="xla")  # fmt: skip
+
+    spec = PartitionSpec(("data", "fsdp"), None, "tensor", None)
+    place = [NamedSharding(mesh, spec)] * 3 + [NamedSharding(mesh, PartitionSpec())] * 2
+    args = (q, k, v, bias, slopes)
+    step = jax.jit(jax.value_and_grad(loss(sharded), argnums=range(5)), in_shardings=place)
+    step = step.lower(*args).compile()
+    got = step(*args)
+    want = jax.jit(jax.value_and_grad(loss(single), argnums=range(5)))(*args)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
+    hlo = step.as_text()
+    assert "all-gather" not in hlo, [line for line in hlo.splitlines() if "all-gather" in line]
 
 
 def test_splash_interpret_length_not_a_multiple_of_512():
     """Splash tiles must divide the length: T = 640 (a multiple of 128 only) still runs."""
     T = 640
-    keys = jax.random.split(jax.random.key(np.random.randint(1 << 30)), 3)
-    q = jax.random.normal(keys[0], (1, T, 2, 8))
-    k = jax.random.normal(keys[1], (1, T, 1, 8))
-    v = jax.random.normal(keys[2], (1, T, 1, 8))
+    rng = np.random.default_rng()
+    q = rng.normal(size=(1, T, 2, 8)).astype(np.float32)
+    k, v = (rng.normal(size=(1, T, 1, 8)).astype(np.float32) for _ in range(2))
     mask = Mask(window=100)
     assert supports("splash", mask, platform="tpu", T=T, S=T) is None
-    got = kernels._splash(q, k, v, mask, 0.3, None, interpret=True)
-    want = attention(q, k, v, mask=mask, scale=0.3, implementation="xla")
+    got = jax.jit(lambda q, k, v: kernels._splash(q, k, v, mask, 0.3, None, interpret=True))(
+        q, k, v
+    )
+    want = jax.jit(lambda q, k, v: attention(q, k, v, mask=mask, scale=0.3,
+                                             implementation="xla"))(q, k, v)  # fmt: skip
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 

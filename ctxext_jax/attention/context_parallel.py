@@ -26,7 +26,15 @@ boundaries). Which (query block, key block) tiles can hold an allowed pair is de
 statically on global row indices from `Mask.key_intervals` (the packing invariant: within a
 document, position distances equal row distances), once per device and hop; tiles ruled out
 are never visited, so a causal mask costs half and a window w costs O(T w / n) per device.
-The local kernel is the blockwise (flash) kernel of blockwise.py with those per-device tables.
+The local kernel is the blockwise (flash) kernel of blockwise.py with those per-device tables,
+on every platform: the ring merges hops by a float32 log-sum-exp and its backward runs against
+the merged output and log-sum-exp, which neither fused kernel offers through a public API (cuDNN
+via jax.nn.dot_product_attention(return_residual=True) returns the log-sum-exp in the input
+dtype and its VJP recomputes from its own; splash's save_residuals output is not
+differentiable); all_gather's queries sit at per-device offsets (two chunks under zigzag)
+that cuDNN's public mask (no query offset) and splash's static mask cannot express without a
+dense [L, T] mask. Without context parallelism the fused kernels run per device too
+(`kernels.on_mesh`).
 """
 
 from __future__ import annotations

@@ -12,20 +12,31 @@ attention in blockwise.py, linear memory, skips key blocks the pattern rules out
 jax.nn.dot_product_attention), `splash` (TPU, Pallas splash attention). `auto` picks per
 platform among the backends that honour the whole pattern; a backend asked for a pattern it
 cannot honour raises ValueError, it never drops part of the mask.
+
+On a mesh (`sharding.use_mesh` active), the fused kernels run inside `jax.shard_map` over the
+whole mesh (`on_mesh`): each device runs the kernel on its own batch rows and heads, never
+replicated (GSPMD cannot partition a Pallas call). xla and blockwise are plain JAX, which GSPMD
+partitions along batch and heads by itself. A mesh that shards the length runs context
+parallelism instead (context_parallel.py, which the model calls).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import Array
+from jax.sharding import PartitionSpec as P
 
+from ctxext_jax import sharding
 from ctxext_jax.attention.blockwise import blockwise_attention
 from ctxext_jax.attention.masks import Mask
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
+FUSED = ("cudnn", "splash")  # custom calls: run per device under shard_map on a mesh
 
 # CPU: the dense reference only wins for tiny T x S (benchmarks/attention.py: blockwise is
 # already ~3x faster at T = S = 512).
@@ -197,8 +208,79 @@ def attention(
             q, k, v, mask, bias, alibi_slopes, scale, softcap, block_q=block_q, block_kv=block_kv
         )
     if implementation == "cudnn":
-        return _cudnn(q, k, v, mask, bias, scale)
+        kernel = functools.partial(_local_cudnn, scale=scale)
+    else:
+        kernel = functools.partial(_local_splash, scale=scale, softcap=softcap)
+    active = sharding.active_mesh()
+    if active is not None and active[0].size > 1:
+        mesh, rules = active
+        return on_mesh(kernel, q, k, v, mask=mask, bias=bias, mesh=mesh, rules=rules)
+    return kernel(q, k, v, mask, bias, None)
+
+
+def _local_cudnn(q, k, v, mask, bias, alibi_slopes, *, scale):
+    del alibi_slopes  # refused by `supports`
+    return _cudnn(q, k, v, mask, bias, scale)
+
+
+def _local_splash(q, k, v, mask, bias, alibi_slopes, *, scale, softcap):
+    del bias, alibi_slopes  # refused by `supports`
     return _splash(q, k, v, mask, scale, softcap)
+
+
+_MASK_ARRAYS = ("q_segment_ids", "kv_segment_ids", "q_positions", "kv_positions")
+
+
+def on_mesh(kernel, q, k, v, *, mask: Mask, bias=None, alibi_slopes=None, mesh, rules):
+    """`kernel(q, k, v, mask, bias, alibi_slopes) -> [b, T, h, D]` run by every device of
+    `mesh` on its own batch rows and heads, inside one `jax.shard_map` over the whole mesh.
+
+    q: [B, T, H, D]; k, v: [B, S, K, D]; mask arrays [B or 1, T or S]; bias [B or 1, H or 1,
+    T, S]; alibi_slopes [H]. Batch follows the rule for `batch`, heads the rules for
+    `activation_heads` / `activation_kv_heads` (which must name the same mesh axes, so each
+    device keeps whole GQA groups); a dimension those axes do not divide stays whole on every
+    device. Lengths are whole on every device (a length-sharded mesh uses context parallelism).
+    Returns [B, T, H, D] sharded as q.
+    """
+    B, T, H, D = q.shape
+    K = k.shape[2]
+
+    def axes(logical, size):
+        """The sharded mesh axes the rule for `logical` maps to, if they divide `size`."""
+        spec = sharding.logical_to_spec((logical,), rules)[0]
+        names = spec if isinstance(spec, tuple) else (() if spec is None else (spec,))
+        names = tuple(a for a in names if mesh.shape[a] > 1)
+        if not names or size % math.prod(mesh.shape[a] for a in names):
+            return None
+        return names[0] if len(names) == 1 else names
+
+    batch = axes("batch", B)
+    heads = axes("activation_heads", H)
+    if heads is None or heads != axes("activation_kv_heads", K):
+        heads = None  # q and kv heads must split alike to keep GQA groups on one device
+    q_spec, kv_spec = P(batch, None, heads, None), P(batch, None, heads, None)
+    arrays = {name: getattr(mask, name) for name in _MASK_ARRAYS}
+    arrays = {name: a for name, a in arrays.items() if a is not None}
+    specs = {name: P(batch if a.shape[0] == B else None, None) for name, a in arrays.items()}
+    extra, extra_specs = {}, {}
+    if bias is not None:
+        extra["bias"] = bias
+        extra_specs["bias"] = P(batch if bias.shape[0] == B else None,
+                                heads if bias.shape[1] == H else None, None, None)  # fmt: skip
+    if alibi_slopes is not None:
+        extra["alibi_slopes"], extra_specs["alibi_slopes"] = alibi_slopes, P(heads)
+
+    def local(q, k, v, arrays, extra):
+        local_mask = dataclasses.replace(mask, **arrays)
+        return kernel(q, k, v, local_mask, extra.get("bias"), extra.get("alibi_slopes"))
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(q_spec, kv_spec, kv_spec, specs, extra_specs),
+        out_specs=q_spec,
+        check_vma=False,
+    )(q, k, v, arrays, extra)
 
 
 def _xla(q, k, v, mask, bias, alibi_slopes, scale, softcap):
