@@ -412,17 +412,17 @@ def _validate_mesh(config, num_devices: int, process_count: int) -> None:
         fail("eval.batch_size", "must be divisible by the mesh axes that shard 'batch'.")
 
 
-# Why a context-parallel strategy runs the blockwise kernel locally on every platform.
+# Why a backend cannot be a context-parallel strategy's local kernel.
 _CP_NEEDS = {
     "ring": (
         "the ring merges hops by a float32 log-sum-exp and differentiates against the merged "
         "one (cuDNN returns it in the input dtype with no gradient entry for it; splash's is "
-        "not differentiable)"
+        "not differentiable), so every platform runs the blockwise kernel on its tiles"
     ),
     "all_gather": (
         "each device's queries sit at per-device offsets (two chunks under zigzag) that "
-        "cuDNN's public mask and splash's static one cannot express without a dense [T/n, T] "
-        "mask"
+        "cuDNN's public API cannot express without a dense [T/n, T] mask (xla neither); "
+        "all_gather runs splash (TPU) or blockwise"
     ),
 }
 
@@ -447,13 +447,16 @@ def _validate_context_parallel(config, mesh_config, sizes) -> None:
     if not active:
         return
     n = sizes[active[0]]
-    if m.attention_impl not in ("auto", "blockwise"):
+    local_kernels = ("auto", "blockwise") + (
+        ("splash",) if m.context_parallel == "all_gather" else ()
+    )
+    if m.attention_impl not in local_kernels:
         fail(
             "model.attention_impl",
             f"{m.attention_impl!r} cannot run under model.context_parallel="
-            f"{m.context_parallel!r} (mesh.shape.{active[0]}={n}): each device runs the blockwise "
-            f"kernel on its tiles, because {_CP_NEEDS[m.context_parallel]}; set 'auto' or "
-            "'blockwise', or mesh.shape.sequence=1.",
+            f"{m.context_parallel!r} (mesh.shape.{active[0]}={n}): "
+            f"{_CP_NEEDS[m.context_parallel]}; set one of {list(local_kernels)}, or "
+            "mesh.shape.sequence=1.",
         )
     try:  # evaluation pads its windows to whole chunks itself
         cp.check_length(config.data.seq_len, n, m.context_parallel_balance, key="length")

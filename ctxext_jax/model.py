@@ -238,9 +238,11 @@ class Attention(nnx.Module):
         slopes = alibi_slopes(cfg.n_heads) if cfg.alibi else None
         if cp.shard_count() > 1:  # rows sharded over `sequence`: see context_parallel.py
             mesh, rules = sharding.active_mesh()
+            local = cfg.attention_impl if cfg.attention_impl in cp.LOCAL_KERNELS else "auto"
             out = cp.context_parallel_attention(
                 q, k, v, mask=mask, mesh=mesh, rules=rules, alibi_slopes=slopes,
                 strategy=cfg.context_parallel, balance=cfg.context_parallel_balance,
+                local_kernel=local,
             )  # fmt: skip
         else:
             out = attention(

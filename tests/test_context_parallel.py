@@ -265,3 +265,68 @@ def test_layout_permutation_round_trips_on_the_mesh():
         back = jax.jit(lambda x: cp.from_layout(x, ("batch", "length")))(there)
     np.testing.assert_array_equal(there, x[:, cp.layout_permutation("zigzag", 4, T)])
     np.testing.assert_array_equal(back, x)
+
+
+def test_all_gather_runs_splash_per_device_and_refuses_the_ring():
+    """all_gather with splash as the local kernel (Pallas interpreter; TPU's choice): one kernel
+    whose mask tables are split over the query rows, on data x tensor x sequence in the zigzag
+    layout, packed documents crossing shards, window + soft-cap + GQA: output and gradients
+    equal the dense reference. The ring and ALiBi refuse splash, saying why."""
+    B, T, H, K, D, n = 2, 512, 4, 2, 16, 2
+    mesh = sharding.make_mesh(
+        sharding.MeshConfig(shape=(("data", 2), ("fsdp", 1), ("tensor", 2), ("sequence", n)))
+    )
+    rng = np.random.default_rng()
+    q, w = (rng.normal(size=(B, T, H, D)).astype(np.float32) for _ in range(2))
+    k, v = (rng.normal(size=(B, T, K, D)).astype(np.float32) for _ in range(2))
+    seg, pos = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32)
+    for row, cuts in enumerate([[0, 100, 300, T], [0, 260, T]]):
+        for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
+            seg[row, a:b], pos[row, a:b] = i + 1, np.arange(b - a)
+
+    def mask(seg, pos):
+        seg, pos = jnp.asarray(seg), jnp.asarray(pos)
+        return Mask(
+            window=70, q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos, kv_positions=pos
+        )
+
+    perm = cp.layout_permutation("zigzag", n, T)
+    kw = dict(mesh=mesh, rules=sharding.DEFAULT_RULES, softcap=4.0)
+
+    def sharded(q, k, v):
+        out = cp.context_parallel_attention(
+            q[:, perm],
+            k[:, perm],
+            v[:, perm],
+            mask=mask(seg[:, perm], pos[:, perm]),
+            local_kernel="splash",
+            interpret=True,
+            **kw,
+        )
+        return out[:, np.argsort(perm)]
+
+    def dense(q, k, v):
+        return attention(q, k, v, mask=mask(seg, pos), softcap=4.0, implementation="xla")
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * w)
+
+    got = jax.jit(jax.value_and_grad(loss(sharded), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.value_and_grad(loss(dense), argnums=(0, 1, 2)))(q, k, v)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
+    for strategy, extra, why in [
+        ("ring", {}, "not differentiable"),
+        ("all_gather", {"alibi_slopes": jnp.ones(H)}, "ALiBi"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            cp.context_parallel_attention(
+                q,
+                k,
+                v,
+                mask=mask(seg, pos),
+                strategy=strategy,
+                local_kernel="splash",
+                interpret=True,
+                **kw,
+                **extra,
+            )

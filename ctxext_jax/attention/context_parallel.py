@@ -26,15 +26,17 @@ boundaries). Which (query block, key block) tiles can hold an allowed pair is de
 statically on global row indices from `Mask.key_intervals` (the packing invariant: within a
 document, position distances equal row distances), once per device and hop; tiles ruled out
 are never visited, so a causal mask costs half and a window w costs O(T w / n) per device.
-The local kernel is the blockwise (flash) kernel of blockwise.py with those per-device tables,
-on every platform: the ring merges hops by a float32 log-sum-exp and its backward runs against
-the merged output and log-sum-exp, which neither fused kernel offers through a public API (cuDNN
-via jax.nn.dot_product_attention(return_residual=True) returns the log-sum-exp in the input
-dtype and its VJP recomputes from its own; splash's save_residuals output is not
-differentiable); all_gather's queries sit at per-device offsets (two chunks under zigzag)
-that cuDNN's public mask (no query offset) and splash's static mask cannot express without a
-dense [L, T] mask. Without context parallelism the fused kernels run per device too
-(`kernels.on_mesh`).
+The local kernel (`local_kernel`): all_gather runs splash on TPU when it honours the pattern
+(one kernel over the whole [T, T] layout mask with its tables split over the query rows,
+`q_seq_shards` = n, the mask function mapping layout rows to global rows), otherwise the
+blockwise kernel of blockwise.py with per-device tables, on every platform. cuDNN is never the
+local kernel: its public API (jax.nn.dot_product_attention) has no query offset, so the
+per-device query rows would need a dense [L, T] mask. The ring always runs blockwise: it
+merges hops by a float32 log-sum-exp and its backward runs against the merged output and
+log-sum-exp, which neither fused kernel offers through a public API (cuDNN's
+return_residual gives the log-sum-exp in the input dtype and its VJP recomputes its own;
+splash's save_residuals output is not differentiable). Without context parallelism the fused
+kernels run per device too (`kernels.on_mesh`).
 """
 
 from __future__ import annotations
@@ -48,11 +50,12 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from ctxext_jax import sharding
-from ctxext_jax.attention import blockwise
+from ctxext_jax.attention import blockwise, kernels
 from ctxext_jax.attention.masks import Mask
 
 STRATEGIES = ("all_gather", "ring")
 BALANCES = ("zigzag", "none")
+LOCAL_KERNELS = ("auto", "blockwise", "splash")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,6 +83,26 @@ def layout_permutation(balance: str, n: int, T: int) -> np.ndarray:
     c = T // (chunks_per_device(balance) * n)
     starts = layout_starts(balance, n, T)
     return np.concatenate([np.arange(s, s + c) for dev in starts for s in dev])
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutRows:
+    """Layout row -> the global row it holds (the inverse view of `layout_permutation`), in
+    arithmetic that works on numpy and jnp index arrays alike (splash evaluates its mask
+    function on both: numpy for its tables, jnp inside the kernel)."""
+
+    balance: str
+    n: int
+    T: int
+
+    def __call__(self, r):
+        if self.balance == "none":
+            return r
+        L = self.T // self.n
+        c = L // 2
+        d, local = r // L, r % L
+        first = (local < c) * 1
+        return first * (d * c + local) + (1 - first) * ((2 * self.n - 1 - d) * c + local - c)
 
 
 def check_length(T: int, n: int, balance: str, *, key: str = "sequence length") -> None:
@@ -386,13 +409,17 @@ def context_parallel_attention(
     scale: float | None = None,
     softcap: float | None = None,
     block: int = 256,
+    local_kernel: str = "auto",
+    interpret: bool = False,
 ):
     """Self-attention of a sequence sharded over the mesh axis that the rule for `length`
     names, computed by every device on its own rows (and batch and head shards).
 
     q: [B, T, H, D]; k, v: [B, T, K, D]; mask arrays [B, T]; all in the `balance` layout
     (`to_layout`), default positions meaning natural row order. alibi_slopes: [H].
-    Returns [B, T, H, D] in q.dtype, in the same layout.
+    local_kernel: `auto` (splash under all_gather on TPU when it honours the pattern, else
+    blockwise), `blockwise` or `splash` (all_gather only; interpret=True runs it in the Pallas
+    interpreter, for CPU tests). Returns [B, T, H, D] in q.dtype, in the same layout.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"context_parallel must be one of {STRATEGIES}, got {strategy!r}.")
@@ -427,15 +454,26 @@ def context_parallel_attention(
     pattern = dataclasses.replace(
         mask, q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None
     )
+    L = T // n
+    scale = D**-0.5 if scale is None else float(scale)
+    q_spec = sharding.logical_to_spec(("batch", "length", "activation_heads", "head_dim"), rules)
+    use_splash = _use_splash(local_kernel, mask, strategy=strategy, T=T, L=L, interpret=interpret,
+                             alibi=alibi_slopes is not None)  # fmt: skip
+    if use_splash:
+        heads = q_spec[2]
+        heads = (heads,) if isinstance(heads, str) else (heads or ())
+        kernel = kernels.splash_kernel(
+            pattern, heads=H // int(np.prod([mesh.shape[a] for a in heads])), T=T, S=T,
+            softcap=softcap, q_seq_shards=n, rows=LayoutRows(balance, n, T), interpret=interpret,
+        )  # fmt: skip
+        return _all_gather_splash(kernel, q, k, v, mask.has_segments, segments, scale=scale,
+                                  mesh=mesh, rules=rules, axis=axis)  # fmt: skip
     b, table, counts = plan_tables(pattern, strategy=strategy, balance=balance, n=n, T=T,
                                    block=block, packed=packed)  # fmt: skip
-    L = T // n
     S = T if strategy == "all_gather" else L
-    scale = D**-0.5 if scale is None else float(scale)
     kernel = blockwise._Plan(pattern, scale, softcap or None, S, b, b, (), (0,) * (L // b), 0)
     cp = _CP(kernel, axis, n, _nested(table), _nested(counts))
 
-    q_spec = sharding.logical_to_spec(("batch", "length", "activation_heads", "head_dim"), rules)
     kv_spec = sharding.logical_to_spec(
         ("batch", "length", "activation_kv_heads", "head_dim"), rules
     )
@@ -473,6 +511,48 @@ def context_parallel_attention(
     return run(q, k, v, slopes, positions, segments)
 
 
+def _use_splash(local_kernel, mask, *, strategy, T, L, interpret, alibi) -> bool:
+    """Whether the local kernel is splash (see the module docstring); raises ValueError when
+    `local_kernel='splash'` cannot run here, saying why."""
+    if local_kernel not in LOCAL_KERNELS:
+        raise ValueError(f"local_kernel must be one of {LOCAL_KERNELS}, got {local_kernel!r}.")
+    if local_kernel == "blockwise":
+        return False
+    platform = "tpu" if interpret else jax.default_backend()
+    reason = kernels.supports("splash", mask, platform=platform, T=T, S=T, alibi=alibi)
+    if strategy != "all_gather":
+        reason = (
+            "the ring merges hops by a float32 log-sum-exp and differentiates against the "
+            "merged one; splash's log-sum-exp output is not differentiable"
+        )
+    elif reason is None and L % kernels._SPLASH_BLOCK:
+        reason = f"splash needs each device's {L} rows to be a multiple of {kernels._SPLASH_BLOCK}"
+    if local_kernel == "splash" and reason is not None:
+        raise ValueError(f"context-parallel {strategy} cannot run splash: {reason}.")
+    return reason is None
+
+
+def _all_gather_splash(kernel, q, k, v, has_segments, segments, *, scale, mesh, rules, axis):
+    """all_gather with splash: each device's queries against the gathered K/V (and segment
+    ids), one kernel whose mask tables are split over the query rows by shard_map; the
+    gradient of the gather reduce-scatters dK/dV."""
+    q_spec = sharding.logical_to_spec(("batch", "length", "activation_heads", "head_dim"), rules)
+    kv_spec = sharding.logical_to_spec(
+        ("batch", "length", "activation_kv_heads", "head_dim"), rules
+    )
+    row_spec = sharding.logical_to_spec(("batch", "length"), rules)
+    kernel_spec = kernel.manual_sharding_spec(jax.sharding.NamedSharding(mesh, P(None, axis)))
+
+    def local(kernel, q, k, v, segments):
+        gather = functools.partial(jax.lax.all_gather, axis_name=axis, axis=1, tiled=True)
+        q_seg, kv_seg = (segments, gather(segments)) if has_segments else (None, None)
+        return kernels.splash_apply(kernel, q, gather(k), gather(v), q_seg, kv_seg, scale)
+
+    specs = (kernel_spec, q_spec, kv_spec, kv_spec, row_spec)
+    run = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)
+    return run(kernel, q, k, v, segments)
+
+
 def shard_count() -> int:
     """How many devices share the sequence on the active mesh (1: no context parallelism)."""
     active = sharding.active_mesh()
@@ -483,6 +563,8 @@ def shard_count() -> int:
 
 __all__ = [
     "BALANCES",
+    "LOCAL_KERNELS",
+    "LayoutRows",
     "STRATEGIES",
     "check_length",
     "context_parallel_attention",

@@ -348,50 +348,55 @@ def _splash_mask_class():
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     class PatternMask(sm._ComputableMask):
-        """Our static pattern evaluated inside the splash kernel on row indices."""
+        """Our static pattern evaluated inside the splash kernel on row indices; `rows` maps a
+        row index to the global row it holds (context parallelism's layouts), None: itself."""
 
-        def __init__(self, shape: tuple[int, int], pattern: Mask):
-            self.pattern = pattern
-            super().__init__(shape=shape, mask_function=lambda qi, ki: pattern.allowed(qi, ki))
+        def __init__(self, shape: tuple[int, int], pattern: Mask, rows=None):
+            self.pattern, self.rows = pattern, rows
+            to_row = rows or (lambda r: r)
+            super().__init__(
+                shape=shape, mask_function=lambda qi, ki: pattern.allowed(to_row(qi), to_row(ki))
+            )
 
         def __eq__(self, other):
             return (
                 isinstance(other, type(self))
                 and self.shape == other.shape
                 and self.pattern == other.pattern
+                and self.rows == other.rows
             )
 
         def __hash__(self):
-            return hash((type(self), self.shape, self.pattern))
+            return hash((type(self), self.shape, self.pattern, self.rows))
 
     return PatternMask, sm.MultiHeadMask
 
 
-def splash_pattern_mask(mask: Mask, T: int, S: int):
+def splash_pattern_mask(mask: Mask, T: int, S: int, rows=None):
     """The splash 2-D mask for `mask`'s static pattern: a lazily computed [T, S] mask.
 
     Segment ids travel separately as splash SegmentIds; positions are row indices (splash only
-    runs index-aligned self-attention, see `supports`).
+    runs index-aligned self-attention, see `supports`), mapped to global rows by `rows`.
     """
     PatternMask, _ = _splash_mask_class()
     static = dataclasses.replace(
         mask, q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None
     )
-    return PatternMask((T, S), static)
+    return PatternMask((T, S), static, rows)
 
 
-def _splash(q, k, v, mask, scale, softcap, *, interpret=False):
-    """Pallas splash attention (TPU), one kernel per batch row via vmap. interpret=True runs
-    the Pallas interpreter (CPU tests)."""
+def splash_kernel(mask: Mask, *, heads: int, T: int, S: int, softcap=None, q_seq_shards=1,
+                  rows=None, interpret=False):  # fmt: skip
+    """A splash MHA kernel for `mask`'s static pattern over [T, S] rows (`rows`: see
+    `splash_pattern_mask`). q_seq_shards > 1 splits its mask tables over query rows, for
+    `shard_map` with `kernel.manual_sharding_spec` (context parallelism's all_gather)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-    B, T, H, D = q.shape
-    S = k.shape[1]
     _, MultiHeadMask = _splash_mask_class()
-    pattern = splash_pattern_mask(mask, T, S)
-    # The largest tile dividing T (a multiple of _SPLASH_BLOCK, see `supports`): splash
-    # requires every block size to divide the sequence length.
-    block = next(b for b in (512, 256, _SPLASH_BLOCK) if T % b == 0)
+    pattern = splash_pattern_mask(mask, T, S, rows)
+    # The largest tile dividing each device's rows (a multiple of _SPLASH_BLOCK, see
+    # `supports`): splash requires every block size to divide the sequence length.
+    block = next(b for b in (512, 256, _SPLASH_BLOCK) if (T // q_seq_shards) % b == 0)
     sizes = splash.BlockSizes(
         block_q=block,
         block_kv=block,
@@ -402,22 +407,39 @@ def _splash(q, k, v, mask, scale, softcap, *, interpret=False):
         block_q_dq=block,
         block_kv_dq=block,
     )
-    kernel = splash.make_splash_mha(
-        MultiHeadMask([pattern] * H),
+    return splash.make_splash_mha(
+        MultiHeadMask([pattern] * heads),
         block_sizes=sizes,
         attn_logits_soft_cap=softcap or None,
         head_shards=1,
-        q_seq_shards=1,
+        q_seq_shards=q_seq_shards,
         interpret=interpret,
     )
+
+
+def splash_apply(kernel, q, k, v, q_seg, kv_seg, scale):
+    """q [B, T, H, D], k, v [B, S, K, D], segment ids [B, T] / [B, S] or None -> [B, T, H, D]:
+    one kernel call per batch row (vmap), heads-first as splash wants, q pre-scaled."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
     qh = jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 1, 2)  # [B, H, T, D], splash does not scale
     kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, S, D]
-    if mask.has_segments:
-        seg = splash.SegmentIds(
-            q=jnp.broadcast_to(mask.q_segment_ids, (B, T)).astype(jnp.int32),
-            kv=jnp.broadcast_to(mask.kv_segment_ids, (B, S)).astype(jnp.int32),
-        )
-        out = jax.vmap(kernel)(qh, kh, vh, segment_ids=seg)
-    else:
+    if q_seg is None:
         out = jax.vmap(kernel)(qh, kh, vh)
+    else:
+        seg = splash.SegmentIds(q=q_seg.astype(jnp.int32), kv=kv_seg.astype(jnp.int32))
+        out = jax.vmap(kernel)(qh, kh, vh, segment_ids=seg)
     return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+
+
+def _splash(q, k, v, mask, scale, softcap, *, interpret=False):
+    """Pallas splash attention (TPU), one kernel per batch row via vmap. interpret=True runs
+    the Pallas interpreter (CPU tests)."""
+    B, T, H, D = q.shape
+    S = k.shape[1]
+    kernel = splash_kernel(mask, heads=H, T=T, S=S, softcap=softcap, interpret=interpret)
+    q_seg = kv_seg = None
+    if mask.has_segments:
+        q_seg = jnp.broadcast_to(mask.q_segment_ids, (B, T))
+        kv_seg = jnp.broadcast_to(mask.kv_segment_ids, (B, S))
+    return splash_apply(kernel, q, k, v, q_seg, kv_seg, scale)
