@@ -188,16 +188,13 @@ def _block_rows(starts: list[int], c: int, b: int) -> list[int]:
 
 def _table(probe: Mask, T: int, q_rows: list[int], k_rows: list[int], b: int):
     """Key blocks (indices into k_rows) each query block may reach: a list of lists."""
+    k0 = np.asarray(k_rows)
     rows = []
     for q0 in q_rows:
-        intervals = probe.key_intervals(q0, q0 + b, T, T)
-        rows.append(
-            [
-                j
-                for j, k0 in enumerate(k_rows)
-                if any(lo < k0 + b and k0 < hi for lo, hi in intervals)
-            ]
-        )
+        hit = np.zeros(len(k0), bool)
+        for lo, hi in probe.key_intervals(q0, q0 + b, T, T):
+            hit |= (lo < k0 + b) & (k0 < hi)
+        rows.append(np.flatnonzero(hit))
     return rows
 
 
@@ -254,6 +251,14 @@ def tiles_per_device(pattern: Mask, *, strategy: str, balance: str, n: int, T: i
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Static:
+    """A numpy table as a static (hashable) argument, compared by identity: nested tuples of
+    Python ints cost seconds per million entries at long lengths."""
+
+    value: np.ndarray
+
+
 @dataclasses.dataclass(frozen=True)
 class _CP:
     """Static description of one context-parallel call (a custom_vjp nondiff argument)."""
@@ -261,23 +266,18 @@ class _CP:
     kernel: blockwise._Plan  # pattern, scale, softcap, tile sizes; its own table is unused
     axis: str
     n: int
-    table: tuple  # nested tuples of plan_tables' table
-    counts: tuple
+    table: _Static  # plan_tables' table
+    counts: _Static
 
     def tables(self, *index):
-        table = jnp.asarray(np.asarray(self.table, np.int32))
-        counts = jnp.asarray(np.asarray(self.counts, np.int32))
+        table, counts = jnp.asarray(self.table.value), jnp.asarray(self.counts.value)
         for i in index:
             table, counts = table[i], counts[i]
         return table, counts
 
     @property
     def hops(self) -> int:
-        return len(self.counts[0])
-
-
-def _nested(x: np.ndarray) -> tuple:
-    return tuple(_nested(a) for a in x) if x.ndim > 1 else tuple(int(a) for a in x)
+        return self.counts.value.shape[1]
 
 
 def _rows(lse, b):
@@ -472,7 +472,7 @@ def context_parallel_attention(
                                    block=block, packed=packed)  # fmt: skip
     S = T if strategy == "all_gather" else L
     kernel = blockwise._Plan(pattern, scale, softcap or None, S, b, b, (), (0,) * (L // b), 0)
-    cp = _CP(kernel, axis, n, _nested(table), _nested(counts))
+    cp = _CP(kernel, axis, n, _Static(table), _Static(counts))
 
     kv_spec = sharding.logical_to_spec(
         ("batch", "length", "activation_kv_heads", "head_dim"), rules
