@@ -250,8 +250,12 @@ class Checkpointer:
             return None
 
     def restore(self, abstract_state: dict, data_iterator, step: int | None = None):
-        """-> (state, data_iterator) at `step` (default latest), placed like `abstract_state`."""
+        """-> (state, data_iterator) at `step` (default latest), placed like `abstract_state`;
+        data_iterator=None leaves the saved iterator state unread (returns None for it)."""
         step = self.latest_step() if step is None else step
+        items = {}
+        if data_iterator is not None:
+            items["data"] = StreamRestore(data_iterator)
         try:
             with _hold_stderr_on_failure():
                 restored = self.manager.restore(
@@ -264,7 +268,7 @@ class Checkpointer:
                                 "opt_state": abstract_state["opt_state"],
                             }
                         ),
-                        data=StreamRestore(data_iterator),
+                        **items,
                     ),
                 )
         except Exception as e:  # orbax/tensorstore raise many types for a damaged step
@@ -279,7 +283,7 @@ class Checkpointer:
             "params": restored.params,
             "opt_state": restored.opt_state["opt_state"],
         }
-        return state, restored.data
+        return state, restored.data if data_iterator is not None else None
 
     def close(self):
         self.manager.wait_until_finished()

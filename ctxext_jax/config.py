@@ -65,6 +65,8 @@ def defaults() -> ml_collections.ConfigDict:
         seed=0,
         num_workers=0,
         on_undecodable="count",  # text that is not UTF-8: "count" (read with U+FFFD) | "refuse"
+        mixture={},  # {source: weight}: "text" (the dataset) and tasks (data/tasks.py)
+        task=dict(facts=8, value_len=5, hops=3, filler="text", min_length=0, keys=64, values=64),
     )
     c.train = dict(
         steps=200,
@@ -73,6 +75,8 @@ def defaults() -> ml_collections.ConfigDict:
         seed=0,
         log_every=10,
         max_nonfinite=3,  # consecutive non-finite steps (each skipped) before the run stops
+        pose=dict(target_length=0, chunks=2),  # PoSE position skipping (data/pose.py); 0: off
+        stages=(),  # staged schedule (stages.py): dicts of steps + per-stage overrides
     )
     c.optim = dict(
         lr=3e-3,
@@ -250,7 +254,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         )
     _validate_mesh(config, num_devices or jax.device_count(), jax.process_count())
     _validate_data(config)
-    return config_warnings(config)
+    stage_warnings = _validate_recipes(config, num_devices)
+    return config_warnings(config) + stage_warnings
 
 
 def config_warnings(config) -> list[str]:
@@ -464,12 +469,52 @@ def _validate_context_parallel(config, mesh_config, sizes) -> None:
         fail("data.seq_len", str(e))
 
 
+def _validate_recipes(config, num_devices: int | None) -> list[str]:
+    """train.pose and train.stages (each stage is validated as the run config it becomes);
+    -> the stages' warnings, each prefixed with its stage."""
+    from ctxext_jax.data.pose import PoseConfig
+    from ctxext_jax.stages import plan_stages
+
+    try:
+        PoseConfig.from_config(config.train.pose).check(config.data.seq_len)
+    except TypeError as e:
+        fail("train.pose", f"{e}; give dict(target_length=N, chunks=2).")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not config.train.stages:
+        return []
+    try:
+        plan = plan_stages(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    found = []
+    for stage in plan:
+        try:
+            found += [f"train.stages[{stage.index}]: {w}" for w in
+                      validate(stage.config, num_devices=num_devices)]  # fmt: skip
+        except ConfigError as e:
+            raise ConfigError(f"train.stages[{stage.index}]: {e}") from None
+    return found
+
+
 def _validate_data(config) -> None:
+    from ctxext_jax.data import DataConfig
+    from ctxext_jax.data.tasks import min_length
+
     d = config.data
     if d.dataset == "files" and not d.files:
         fail(
             "data.files", "dataset 'files' needs a glob of .txt / .jsonl files, e.g. 'docs/*.txt'."
         )
+    try:
+        data_cfg = DataConfig.from_config(d)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    for name in data_cfg.source_names:
+        if name != "text" and max(min_length(name, data_cfg.task),
+                                  data_cfg.task.min_length) > d.seq_len + 1:  # fmt: skip
+            fail("data.task", f"task {name!r} does not fit in data.seq_len={d.seq_len}; "
+                 "lower data.task.facts / value_len or raise seq_len.")  # fmt: skip
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -20,16 +20,17 @@ class OptimConfig:
     eps: float
     grad_clip: float
     total_steps: int
+    start_step: int = 0  # the schedule starts here (a later stage of train.stages)
 
     @classmethod
-    def from_config(cls, optim_cfg, *, train_steps: int) -> OptimConfig:
-        """The schedule spans `optim.decay_steps`, or the whole run when that is 0; a warmup
-        that is not shorter than it is clipped to its length - 1."""
+    def from_config(cls, optim_cfg, *, train_steps: int, start_step: int = 0) -> OptimConfig:
+        """The schedule spans `optim.decay_steps`, or the whole run (stage) when that is 0; a
+        warmup that is not shorter than it is clipped to its length - 1."""
         values = optim_cfg.to_dict()
         total_steps = values.pop("decay_steps") or train_steps
         # A warmup as long as the schedule is clipped (validate warns): the peak is reached.
         values["warmup_steps"] = min(values["warmup_steps"], max(total_steps - 1, 0))
-        return cls(**values, total_steps=total_steps)
+        return cls(**values, total_steps=total_steps, start_step=start_step)
 
 
 def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
@@ -43,7 +44,10 @@ def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
     else:
         decay = optax.constant_schedule(cfg.lr)
     warmup = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
-    return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+    schedule = optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+    if not cfg.start_step:
+        return schedule
+    return lambda count: schedule(count - cfg.start_step)
 
 
 NO_DECAY = frozenset({"scale", "bq", "bk", "bv"})

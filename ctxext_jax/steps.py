@@ -21,6 +21,8 @@ from ctxext_jax import sharding
 from ctxext_jax.model import Decoder, param_axes
 from ctxext_jax.optim import with_learning_rate
 
+SOURCE_KEY = "source_ids"  # which data.mixture source each token came from
+
 
 def make_apply(graphdef: nnx.GraphDef, abstract_state: nnx.State) -> Callable:
     """-> apply(params, inputs, positions, segment_ids) -> float32 logits [B, T, V], or with
@@ -156,10 +158,22 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(apply: Callable) -> Callable:
-    """-> eval_step(params, batch) -> (sum of token losses, token count)."""
+def make_eval_step(apply: Callable, num_sources: int = 1) -> Callable:
+    """-> eval_step(params, batch) -> (loss sums [S], token counts [S]) per data.mixture source
+    (batch["source_ids"], int [B, T] in [0, S); all tokens count as source 0 without it)."""
 
     def eval_step(params, batch):
-        return loss_sums(apply, params, batch)
+        losses, _ = apply(
+            params,
+            batch["inputs"],
+            positions=batch["positions"],
+            segment_ids=batch["segment_ids"],
+            targets=batch["targets"],
+        )
+        mask = batch["loss_mask"].astype(jnp.float32)
+        sources = batch.get(SOURCE_KEY, jnp.zeros_like(batch["inputs"]))
+        one_hot = jax.nn.one_hot(sources, num_sources, dtype=jnp.float32)  # [B, T, S]
+        return (jnp.einsum("bt,bts->s", losses * mask, one_hot),
+                jnp.einsum("bt,bts->s", mask, one_hot))  # fmt: skip
 
     return eval_step

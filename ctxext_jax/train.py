@@ -26,9 +26,10 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from ctxext_jax import checkpoint, data, hf, sharding
+from ctxext_jax import checkpoint, data, hf, sharding, stages
 from ctxext_jax.cli import exit_on_user_error, parse_flags
 from ctxext_jax.config import trajectory_changes, validate
+from ctxext_jax.data.pose import PoseConfig
 from ctxext_jax.divergence import NonFiniteGuard
 from ctxext_jax.errors import fail
 from ctxext_jax.evals import long_eval_subset
@@ -63,12 +64,12 @@ class Program(NamedTuple):
     init_params: Callable  # () -> params, random init, sharded
     init_state: Callable  # params -> train state (donates params)
     train_step: Callable  # (state, batch) -> (state, metrics), donates state
-    eval_step: Callable  # (params, batch) -> (loss sum, token count)
+    eval_step: Callable  # (params, batch) -> (loss sums [S], token counts [S]) per source
     batch_sharding: jax.sharding.NamedSharding
 
 
 def build_program(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh, rules, *,
-                  grad_accum: int, seed: int) -> Program:  # fmt: skip
+                  grad_accum: int, seed: int, num_sources: int = 1) -> Program:  # fmt: skip
     """Model, optimizer, shardings and the jitted step functions for `mesh`."""
     apply, abstract_params, init_params = build_model(model_cfg, mesh, rules, seed=seed)
     tx = make_optimizer(optim_cfg)
@@ -94,7 +95,7 @@ def build_program(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh, rules, *
         donate_argnums=0,
     )
     eval_step = jax.jit(
-        sharding.under_mesh(make_eval_step(apply), mesh, rules),
+        sharding.under_mesh(make_eval_step(apply, num_sources), mesh, rules),
         in_shardings=(shardings["params"], batch_sharding),
     )
     return Program(apply, abstract_params, abstract_state, init_params, init_state, train_step,
@@ -106,22 +107,34 @@ def device_batch(batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.
     return {
         k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(batch[k]))
         for k in data.BATCH_KEYS
+        if k in batch
     }
 
 
 def evaluate_loss(program: Program, params, data_cfg, eval_cfg, seq_len: int) -> dict:
-    total, count = 0.0, 0.0
+    """Validation loss on `eval.batches` held-out batches (a shuffled sample of the whole
+    split, or of every source of a mixture), overall and per source (`eval_loss/<name>`)."""
+    names = data_cfg.source_names
+    totals, counts = np.zeros(len(names)), np.zeros(len(names))
     for batch in data.eval_batches(
         data_cfg, batch_size=eval_cfg.batch_size // jax.process_count(), seq_len=seq_len,
         max_batches=eval_cfg.batches, shard_index=jax.process_index(),
         shard_count=jax.process_count(),
     ):  # fmt: skip
-        batch_total, batch_count = program.eval_step(
+        batch_totals, batch_counts = program.eval_step(
             params, device_batch(batch, program.batch_sharding)
         )
-        total, count = total + float(batch_total), count + float(batch_count)
-    loss = total / max(count, 1.0)
-    return {"eval_loss": loss, "eval_perplexity": perplexity(loss), "eval_tokens": count}
+        totals, counts = totals + np.asarray(batch_totals), counts + np.asarray(batch_counts)
+    loss = float(totals.sum() / max(counts.sum(), 1.0))
+    out = {
+        "eval_loss": loss,
+        "eval_perplexity": perplexity(loss),
+        "eval_tokens": float(counts.sum()),
+    }
+    if data_cfg.mixture:
+        for name, total, count in zip(names, totals, counts, strict=True):
+            out[f"eval_loss/{name}"] = float(total / max(count, 1.0))
+    return out
 
 
 class Preemption:
@@ -216,19 +229,15 @@ def check_resume(config, saved: dict, workdir: str, step: int, allow_change: boo
 
 
 def initial_state(program: Program, ckpt: checkpoint.Checkpointer, train_iter, model_cfg,
-                  config, *, allow_config_change: bool = False):  # fmt: skip
-    """-> (state, train_iter): resumed from `ckpt`'s latest step (after `check_resume`), else
+                  config, *, restore_data: bool = True):  # fmt: skip
+    """-> (state, train_iter): resumed from `ckpt`'s latest step (its data state too unless
+    `restore_data` is False: a stage boundary, where the next stage's data starts afresh), else
     the weights of `checkpoint.init_from` (a run or a Hugging Face folder) with a fresh
     optimizer, else a random init."""
-    latest = ckpt.latest_step()
-    if latest is not None:
-        saved = ckpt.saved_config(latest)
-        if saved is not None:
-            check_resume(config, saved, os.path.dirname(ckpt.directory), latest,
-                         allow_config_change)  # fmt: skip
-        state, train_iter = ckpt.restore(program.abstract_state, train_iter)
+    if ckpt.latest_step() is not None:
+        state, restored = ckpt.restore(program.abstract_state, train_iter if restore_data else None)
         print(f"resumed from step {int(state['step'])} in {ckpt.directory}", flush=True)
-        return state, train_iter
+        return state, restored if restore_data else train_iter
     init_from = config.checkpoint.init_from
     if not init_from:
         return program.init_state(program.init_params()), train_iter
@@ -243,16 +252,23 @@ def initial_state(program: Program, ckpt: checkpoint.Checkpointer, train_iter, m
     return program.init_state(params), train_iter
 
 
-def evaluate_at(step: int, config, program: Program, params, data_cfg, tokenizer) -> dict:
-    """The evaluations due at `step` (validation loss, the long-context subset), printed."""
+def evaluate_at(step: int, config, program: Program, params, data_cfg, tokenizer, *,
+                last: int | None = None) -> dict:  # fmt: skip
+    """The evaluations due at `step` (validation loss, the long-context subset), printed;
+    `last` (default train.steps) is the last step of the stage, which is always evaluated."""
     t, e, seq_len = config.train, config.eval, config.data.seq_len
+    last = t.steps if last is None else last
     results: dict[str, float] = {}
-    if step % e.every == 0 or step == t.steps:
+    if step % e.every == 0 or step == last:
         metrics = evaluate_loss(program, params, data_cfg, e, seq_len)
+        per_source = "".join(
+            f" | {k.split('/', 1)[1]} {v:.4f}" for k, v in metrics.items()
+            if k.startswith("eval_loss/")
+        )  # fmt: skip
         print(f"eval step {step}: loss {metrics['eval_loss']:.4f} | "
-              f"perplexity {metrics['eval_perplexity']:.3f}", flush=True)  # fmt: skip
+              f"perplexity {metrics['eval_perplexity']:.3f}{per_source}", flush=True)  # fmt: skip
         results.update(metrics)
-    if e.every_long and (step % e.every_long == 0 or step == t.steps):
+    if e.every_long and (step % e.every_long == 0 or step == last):
         metrics = long_eval_subset(
             program.apply, params, tokenizer=tokenizer, data_cfg=data_cfg,
             lengths=list(e.long_lengths) or [2 * seq_len, 4 * seq_len],
@@ -267,14 +283,20 @@ def evaluate_at(step: int, config, program: Program, params, data_cfg, tokenizer
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        allow_config_change: bool = False) -> dict[str, float]:  # fmt: skip
-    """Trains (or resumes) the run in `workdir`; returns the final metrics.
+    """Trains (or resumes) the run in `workdir` through its stages (`train.stages`; the whole
+    run is one stage without them); returns the final metrics.
     allow_config_change: resume even if the config changes the trajectory (recorded)."""
     for warning in validate(config):
         if jax.process_index() == 0:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
     make_workdir(workdir)
-    preflight(config)
-    t, seq_len = config.train, config.data.seq_len
+    plan = stages.plan_stages(config)
+    checked = set()
+    for stage in plan:  # every stage's data (a stage may change the mixture or the tasks)
+        key = stage.config.data.to_json_best_effort()
+        if key not in checked:
+            checked.add(key)
+            preflight(stage.config)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
@@ -283,96 +305,126 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     mesh_cfg = sharding.MeshConfig.from_config(config.mesh)
     mesh, rules = sharding.make_mesh(mesh_cfg), mesh_cfg.rules
 
+    # ----------------------------------------------------------------------- checkpoint
+    ckpt = checkpoint.Checkpointer(
+        workdir, every=config.checkpoint.every, keep=config.checkpoint.keep
+    )
+    latest = ckpt.latest_step()
+    if latest is not None:
+        saved = ckpt.saved_config(latest)
+        if saved is not None:
+            check_resume(config, saved, workdir, latest, allow_config_change)
+
+    # ----------------------------------------------------------------------- stages
+    writer = MetricsWriter(workdir)
+    writer.drop_after(latest or 0)  # rows a killed run logged past its last checkpoint
+    preemption = Preemption()
+    state, final = None, {}
+    try:  # an error below still lets the checkpoint writes in flight finish
+        for stage in plan:
+            if latest is not None and latest >= stage.end and stage is not plan[-1]:
+                continue  # finished before the restart
+            state, final, preempted = train_stage(
+                config, stage, len(plan), state, ckpt, writer, preemption, mesh, rules,
+                resume_boundary=latest == stage.start and stage.index > 0,
+            )  # fmt: skip
+            if preempted:
+                break
+    finally:
+        ckpt.close()  # waits for the last save
+        preemption.close()
+        writer.close()
+    return final
+
+
+def train_stage(run_config, stage: stages.Stage, num_stages: int, state, ckpt, writer,
+                preemption: Preemption, mesh, rules, *, resume_boundary: bool):  # fmt: skip
+    """Runs one stage's steps (stage.start + 1 .. stage.end). `state` is the previous stage's,
+    or None to resume from `ckpt` (without its data state at a stage boundary) or initialise.
+    -> (state, final metrics, preempted)."""
+    config, t = stage.config, stage.config.train
+    seq_len = config.data.seq_len
+
     # ----------------------------------------------------------------------- data
     data_cfg = data.DataConfig.from_config(config.data)
     tokenizer = data.make_tokenizer(data_cfg.tokenizer)
     train_iter = data.global_train_iterator(
         data_cfg, global_batch_size=t.batch_size, seq_len=seq_len, seed=config.data.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
+        pose=PoseConfig.from_config(t.pose),
     )  # fmt: skip
 
     # ----------------------------------------------------------------------- model, shard, step
     model_cfg = ModelConfig.from_config(config.model)
-    optim_cfg = OptimConfig.from_config(config.optim, train_steps=t.steps)
-    program = build_program(model_cfg, optim_cfg, mesh, rules, grad_accum=t.grad_accum, seed=t.seed)
-
-    # ----------------------------------------------------------------------- checkpoint
-    ckpt = checkpoint.Checkpointer(
-        workdir, every=config.checkpoint.every, keep=config.checkpoint.keep
-    )
-    state, train_iter = initial_state(
-        program, ckpt, train_iter, model_cfg, config, allow_config_change=allow_config_change
-    )
-    start_step = int(state["step"])
+    optim_cfg = OptimConfig.from_config(config.optim, train_steps=t.steps, start_step=stage.start)
+    program = build_program(model_cfg, optim_cfg, mesh, rules, grad_accum=t.grad_accum,
+                            seed=t.seed, num_sources=len(data_cfg.source_names))  # fmt: skip
+    if state is None:
+        state, train_iter = initial_state(program, ckpt, train_iter, model_cfg, config,
+                                          restore_data=not resume_boundary)  # fmt: skip
+    start_step = max(int(state["step"]), stage.start)
 
     # ----------------------------------------------------------------------- loop
-    writer = MetricsWriter(workdir)
-    writer.drop_after(start_step)  # rows a killed run logged past its last checkpoint
-    preemption = Preemption()
     peak, peak_source = peak_flops_per_device()
     flops_token = flops_per_token(model_cfg, seq_len)
-    if start_step == 0:
+    if start_step == stage.start:
+        label = f"stage {stage.index + 1}/{num_stages}: " if num_stages > 1 else ""
         print(
-            f"model: {param_count(program.abstract_params) / 1e6:.2f}M params | "
+            f"{label}model: {param_count(program.abstract_params) / 1e6:.2f}M params | "
             f"mesh {dict(mesh.shape)} | "
             f"{t.batch_size}x{seq_len} tokens/step | peak {peak / 1e12:.2f} TFLOP/s/device "
             f"({peak_source})",
             flush=True,
         )
-    progress, last_time, last_step = Progress(t.steps, done=start_step), None, start_step
+    progress = Progress(run_config.train.steps, done=start_step)
+    last_time, last_step = None, start_step
     guard = NonFiniteGuard(t.max_nonfinite, lr=config.optim.lr, dtype=model_cfg.dtype,
                            latest_saved=ckpt.latest_step)  # fmt: skip
     pending = None  # the previous step's metrics, checked once the next step is dispatched
     final: dict[str, float] = {}
-    try:  # an error below still lets the checkpoint writes in flight finish
-        for step in range(start_step + 1, t.steps + 1):
-            with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                batch = device_batch(next(train_iter), program.batch_sharding)
-                state, metrics = program.train_step(state, batch)
-            if pending is not None:
-                guard.update(*pending)
-            pending = (step, metrics)
-            if last_time is None:  # the first step compiles; time from its end
-                jax.block_until_ready(metrics)
-                last_time, last_step = time.perf_counter(), step
-            if step % t.log_every == 0 or step == t.steps:
-                metrics = jax.device_get(metrics)
-                guard.update(step, metrics)
-                pending = None
-                elapsed = time.perf_counter() - last_time
-                scalars = {
-                    k: float(v) for k, v in metrics.items() if k not in ("tokens", "nonfinite")
-                }
-                scalars["skipped_steps"] = guard.skipped
-                if step > last_step:
-                    tokens_per_sec = (step - last_step) * t.batch_size * seq_len / elapsed
-                    scalars["tokens_per_sec"] = tokens_per_sec
-                    if peak:
-                        scalars["mfu"] = tokens_per_sec * flops_token / (peak * jax.device_count())
-                writer.write(step, scalars)
-                progress.step(step, scalars)
-                last_time, last_step, final = time.perf_counter(), step, scalars
-            evals = evaluate_at(step, config, program, state["params"], data_cfg, tokenizer)
-            if evals:
-                writer.write(step, evals)
-                final.update(evals)
-                last_time, last_step = time.perf_counter(), step
-            preempted = preemption.reached(step)  # on every host, at every step
-            ckpt.save(step, state, train_iter, config_json=config.to_json_best_effort(),
-                      model_json=model_cfg.to_json(),
-                      force=step == t.steps or preempted)  # fmt: skip
-            if preempted:
-                if jax.process_index() == 0:
-                    print(f"preempted: saving step {step}; rerun the same command to resume",
-                          flush=True)  # fmt: skip
-                break
+    for step in range(start_step + 1, stage.end + 1):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            batch = device_batch(next(train_iter), program.batch_sharding)
+            state, metrics = program.train_step(state, batch)
         if pending is not None:
             guard.update(*pending)
-    finally:
-        ckpt.close()  # waits for the last save
-        preemption.close()
-        writer.close()
-    return final
+        pending = (step, metrics)
+        if last_time is None:  # the first step compiles; time from its end
+            jax.block_until_ready(metrics)
+            last_time, last_step = time.perf_counter(), step
+        if step % t.log_every == 0 or step == stage.end:
+            metrics = jax.device_get(metrics)
+            guard.update(step, metrics)
+            pending = None
+            elapsed = time.perf_counter() - last_time
+            scalars = {k: float(v) for k, v in metrics.items() if k not in ("tokens", "nonfinite")}
+            scalars["skipped_steps"] = guard.skipped
+            if step > last_step:
+                tokens_per_sec = (step - last_step) * t.batch_size * seq_len / elapsed
+                scalars["tokens_per_sec"] = tokens_per_sec
+                if peak:
+                    scalars["mfu"] = tokens_per_sec * flops_token / (peak * jax.device_count())
+            writer.write(step, scalars)
+            progress.step(step, scalars)
+            last_time, last_step, final = time.perf_counter(), step, scalars
+        evals = evaluate_at(step, config, program, state["params"], data_cfg, tokenizer,
+                            last=stage.end)  # fmt: skip
+        if evals:
+            writer.write(step, evals)
+            final.update(evals)
+            last_time, last_step = time.perf_counter(), step
+        preempted = preemption.reached(step)  # on every host, at every step
+        ckpt.save(step, state, train_iter, config_json=run_config.to_json_best_effort(),
+                  model_json=model_cfg.to_json(),
+                  force=step == stage.end or preempted)  # fmt: skip
+        if preempted:
+            if jax.process_index() == 0:
+                print(f"preempted: saving step {step}; rerun the same command to resume",
+                      flush=True)  # fmt: skip
+            return state, final, True
+    if pending is not None:
+        guard.update(*pending)
+    return state, final, False
 
 
 # --------------------------------------------------------------------------- main

@@ -1,9 +1,9 @@
-"""Synthetic tasks and PoSE positions: layouts, disjoint train/eval draws, scoring."""
+"""Synthetic tasks, mixtures and PoSE positions: layouts, disjoint train/eval draws, scoring."""
 
 import numpy as np
 import pytest
 
-from ctxext_jax.data import ByteTokenizer, tasks
+from ctxext_jax.data import ByteTokenizer, DataConfig, eval_batches, tasks, train_iterator
 from ctxext_jax.data.pose import PoseConfig, pose_positions
 
 TOK = ByteTokenizer()
@@ -93,6 +93,31 @@ def test_score_instances_against_an_oracle():
     for n, instance in enumerate(instances):
         for i, (s, e) in enumerate(instance.answer_spans):
             assert got[n, i] == flip[n, s - 1 : e - 1].all()
+
+
+def test_mixture_stream_and_per_source_masks(tmp_path):
+    for i in range(12):
+        (tmp_path / f"doc{i}.txt").write_text(" ".join(RNG.choice(["ab", "cd", "ef"], 80)))
+    cfg = DataConfig.from_config(
+        {"dataset": "files", "files": str(tmp_path / "*.txt"), "mixture": {"text": 1, "kv": 1},
+         "task": {"facts": 4}, "seq_len": 48, "eval_split": "train"}
+    )  # fmt: skip
+    assert cfg.source_names == ("kv", "text")
+    it = train_iterator(cfg, global_batch_size=8, seq_len=48, seed=0)
+    batches = [next(it) for _ in range(6)]
+    ids = np.concatenate([b["source_ids"][b["segment_ids"] > 0] for b in batches])
+    assert 0.2 < np.mean(ids == 0) < 0.8
+    for b in batches:
+        text = (b["source_ids"] == 1) & (b["segment_ids"] > 0)
+        kv = (b["source_ids"] == 0) & (b["segment_ids"] > 0)
+        assert (b["loss_mask"][text] == 1).all()
+        assert set(np.unique(b["targets"][kv & (b["loss_mask"] > 0)])) <= set(VOCAB.values)
+    first = list(eval_batches(cfg, batch_size=4, seq_len=48, max_batches=2))
+    again = list(eval_batches(cfg, batch_size=4, seq_len=48, max_batches=2))
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a["inputs"], b["inputs"])
+    with pytest.raises(ValueError, match="unknown source 'bogus'"):
+        DataConfig.from_config({"mixture": {"bogus": 1.0}})
 
 
 def test_pose_positions_skip_within_the_target():

@@ -6,11 +6,15 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from ctxext_jax.data.tasks import TASKS, TaskConfig
+
 # Built-in dataset names; anything else is looked up as a prepared TFDS dataset.
 EMBEDDED = "embedded"
 SYNTHETIC = "synthetic"
 FILES = "files"
 BUILTIN_DATASETS = (EMBEDDED, SYNTHETIC, FILES)
+# The configured dataset's name inside data.mixture; other names are synthetic tasks.
+TEXT_SOURCE = "text"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +34,10 @@ class DataConfig:
     num_workers: Grain worker processes; 0 reads in-process.
     on_undecodable: text that is not valid UTF-8: "count" (read with U+FFFD replacements; the
       preflight scan reports how many) or "refuse" (an error naming the file).
+    mixture: ((source, weight), ...) sorted by name; empty: the dataset alone. "text" is the
+      dataset above, other names are tasks of `ctxext_jax.data.tasks` (passkey, multikey, kv,
+      vartrack). Weights are relative (normalised), as fractions of pieces in the stream.
+    task: the knobs of the synthetic tasks (`tasks.TaskConfig`).
     """
 
     dataset: str = EMBEDDED
@@ -43,8 +51,23 @@ class DataConfig:
     seed: int = 0
     num_workers: int = 0
     on_undecodable: str = "count"
+    mixture: tuple[tuple[str, float], ...] = ()
+    task: TaskConfig = TaskConfig()
+
+    @property
+    def source_names(self) -> tuple[str, ...]:
+        """Source names in `source_ids` order."""
+        return tuple(name for name, _ in self.mixture) or (TEXT_SOURCE,)
 
     def __post_init__(self):
+        for name, weight in self.mixture:
+            if name != TEXT_SOURCE and name not in TASKS:
+                raise ValueError(
+                    f"data.mixture: unknown source {name!r}; use {TEXT_SOURCE!r} (data.dataset) "
+                    f"or a task of {TASKS}."
+                )
+            if not (isinstance(weight, int | float) and weight > 0):
+                raise ValueError(f"data.mixture.{name}={weight!r}: weights must be > 0.")
         if not self.dataset:
             raise ValueError(
                 "data.dataset is empty: set it to 'embedded', 'synthetic', 'files' or a TFDS "
@@ -92,4 +115,15 @@ class DataConfig:
         section); missing keys take the defaults above.
         """
         names = [field.name for field in dataclasses.fields(cls)]
-        return cls(**{name: cfg[name] for name in names if name in cfg})
+        values = {name: cfg[name] for name in names if name in cfg}
+        mixture = values.get("mixture") or {}
+        mixture = mixture.to_dict() if hasattr(mixture, "to_dict") else dict(mixture)
+        try:
+            values["mixture"] = tuple(sorted((str(k), float(v)) for k, v in mixture.items()))
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"data.mixture={mixture!r}: give {{source: weight}} with numeric weights, e.g. "
+                "{'text': 0.5, 'kv': 0.5}."
+            ) from None
+        values["task"] = TaskConfig.from_config(values.get("task") or {})
+        return cls(**values)

@@ -7,8 +7,7 @@ random points; chunk j keeps its tokens' order and has its position ids shifted 
 s_j, with 0 <= s_0 <= s_1 <= ... <= target_length - n drawn uniformly (the reference code
 draws the two offsets lt <= rt the same way), so the ids stay increasing, start anywhere in
 [0, target_length - n] and end below target_length. Pieces are independent, so packing and
-per-document positions are untouched: the skipped ids simply replace the row's `positions`
-(`pose_row` does this to a packed row or batch of the Grain pipeline).
+per-document positions are untouched: the skipped ids simply replace the row's `positions`.
 """
 
 from __future__ import annotations
@@ -29,11 +28,11 @@ class PoseConfig:
     def check(self, seq_len: int) -> None:
         if self.target_length and self.target_length < seq_len:
             raise ValueError(
-                f"PoseConfig.target_length={self.target_length} must be >= the training "
-                f"length ({seq_len}), e.g. 4 x that length; 0 disables PoSE."
+                f"train.pose.target_length={self.target_length} must be >= data.seq_len "
+                f"({seq_len}), e.g. 4 * seq_len; 0 disables PoSE."
             )
         if self.chunks < 1:
-            raise ValueError(f"PoseConfig.chunks={self.chunks} must be >= 1 (2 in the paper).")
+            raise ValueError(f"train.pose.chunks={self.chunks} must be >= 1 (2 in the paper).")
 
     @classmethod
     def from_config(cls, cfg) -> PoseConfig:

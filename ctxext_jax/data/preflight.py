@@ -15,8 +15,9 @@ import json
 import os
 from typing import Any
 
-from ctxext_jax.data.config import FILES, DataConfig
+from ctxext_jax.data.config import FILES, TEXT_SOURCE, DataConfig
 from ctxext_jax.data.sources import open_split, prepared_builder
+from ctxext_jax.data.tasks import TaskVocab
 from ctxext_jax.data.tokenizer import make_tokenizer
 from ctxext_jax.errors import fail
 
@@ -134,7 +135,12 @@ def preflight(cfg: DataConfig, *, vocab_size: int, hosts: int = 1) -> dict[str, 
         fail("data.files", f"{cfg.files!r} matches no .txt or .jsonl file; fix the glob.")
     if cfg.data_dir and os.path.exists(cfg.data_dir) and not os.path.isdir(cfg.data_dir):
         fail("data.data_dir", f"{cfg.data_dir} exists and is not a directory.")
-    _check_tokenizer(cfg, vocab_size)
+    tokenizer = _check_tokenizer(cfg, vocab_size)
+    if len(cfg.source_names) > 1 or cfg.source_names[0] != TEXT_SOURCE:
+        try:  # the tasks reserve ids of this tokenizer for their keys, values and markers
+            TaskVocab.for_tokenizer(tokenizer, keys=cfg.task.keys, values=cfg.task.values)
+        except ValueError as e:
+            fail("data.task", str(e))
     opened = {}
     for split in dict.fromkeys((cfg.train_split, cfg.eval_split)):
         opened[split] = documents = open_split(cfg, split)[0]  # ValueError naming an empty one

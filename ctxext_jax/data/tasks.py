@@ -59,8 +59,8 @@ class TaskVocab:
         ids = [i for i in range(int(tokenizer.vocab_size) - 1, -1, -1) if i not in specials]
         if len(ids) < need + 16:
             raise ValueError(
-                f"TaskConfig: the tokenizer has {tokenizer.vocab_size} ids; the tasks reserve "
-                f"{need} of them and need filler besides; lower TaskConfig.keys / values."
+                f"data.task: the tokenizer has {tokenizer.vocab_size} ids; the tasks reserve "
+                f"{need} of them and need filler besides; lower data.task.keys / values."
             )
         ids = np.asarray(ids[:need][::-1], np.int32)
         return cls(ids[:keys], ids[keys : keys + values], int(ids[-2]), int(ids[-1]))
@@ -68,7 +68,7 @@ class TaskVocab:
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
-    """The knobs of every task.
+    """The knobs of every task (`data.task` in the run config).
 
     facts: pairs (kv), needles (multikey) or chains (vartrack).
     value_len: value tokens of a passkey / multikey needle.
@@ -91,15 +91,15 @@ class TaskConfig:
     def __post_init__(self):
         for name in ("facts", "value_len", "hops", "keys", "values"):
             if getattr(self, name) < 1:
-                raise ValueError(f"TaskConfig.{name}={getattr(self, name)} must be >= 1.")
+                raise ValueError(f"data.task.{name}={getattr(self, name)} must be >= 1.")
         if self.filler not in ("text", "random"):
-            raise ValueError(f"TaskConfig.filler={self.filler!r}: choose 'text' or 'random'.")
+            raise ValueError(f"data.task.filler={self.filler!r}: choose 'text' or 'random'.")
         if self.facts > self.keys:
             raise ValueError(
-                f"TaskConfig.facts={self.facts} needs as many distinct keys; raise TaskConfig.keys."
+                f"data.task.facts={self.facts} needs as many distinct keys; raise data.task.keys."
             )
         if self.min_length < 0:
-            raise ValueError(f"TaskConfig.min_length={self.min_length} must be >= 0.")
+            raise ValueError(f"data.task.min_length={self.min_length} must be >= 0.")
 
     @classmethod
     def from_config(cls, cfg) -> TaskConfig:
@@ -107,7 +107,7 @@ class TaskConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - names
         if unknown:
-            raise ValueError(f"TaskConfig: unknown keys {sorted(unknown)}; known: {sorted(names)}.")
+            raise ValueError(f"data.task: unknown keys {sorted(unknown)}; known: {sorted(names)}.")
         return cls(**values)
 
 
@@ -216,7 +216,7 @@ def _parts(task: str, cfg: TaskConfig, vocab: TaskVocab, rng, side: int):
         asked = rng.permutation(chains)
         questions = [np.asarray([vocab.ask, names[c, -1]], np.int32) for c in asked]
         return facts, offsets, questions, [np.asarray([values[c]], np.int32) for c in asked]
-    raise ValueError(f"TaskConfig: unknown task {task!r}; choose from {TASKS}.")
+    raise ValueError(f"data.task: unknown task {task!r}; choose from {TASKS}.")
 
 
 def min_length(task: str, cfg: TaskConfig) -> int:
@@ -229,7 +229,7 @@ def min_length(task: str, cfg: TaskConfig) -> int:
         return 1 + 2 * cfg.facts + 1 + 2 * cfg.facts
     if task == "vartrack":
         return 1 + 2 * cfg.facts * cfg.hops + 3 * cfg.facts
-    raise ValueError(f"TaskConfig: unknown task {task!r}; choose from {TASKS}.")
+    raise ValueError(f"data.task: unknown task {task!r}; choose from {TASKS}.")
 
 
 def make_instance(task: str, cfg: TaskConfig, vocab: TaskVocab, rng: np.random.Generator, *,
@@ -241,7 +241,7 @@ def make_instance(task: str, cfg: TaskConfig, vocab: TaskVocab, rng: np.random.G
     if length < need:
         raise ValueError(
             f"task {task!r} needs at least {need} tokens (its facts and questions); got "
-            f"length {length}. Use longer lengths or fewer TaskConfig.facts."
+            f"length {length}. Use longer lengths or fewer data.task.facts."
         )
     facts, offsets, questions, answers = _parts(task, cfg, vocab, rng, side)
     spread = max(offsets)
@@ -252,8 +252,7 @@ def make_instance(task: str, cfg: TaskConfig, vocab: TaskVocab, rng: np.random.G
 
 
 class TaskSource:
-    """Random-access instances of one task for a packed training stream (a Grain
-    `MapDataset.range(n).map(source)`): `source(i)` -> a piece
+    """Random-access instances of one task for the packed stream: `source(i)` -> a piece
     {inputs, targets, loss_mask} (int32 / float32 [n]) with n log-uniform in [min_length, seq_len],
     facts at a uniform depth; loss only on answer tokens. `evaluation` draws from the held-out
     stream. Picklable, so Grain workers can build instances themselves."""
@@ -268,7 +267,7 @@ class TaskSource:
         if self.shortest > seq_len + 1:
             raise ValueError(
                 f"task {task!r}: instances need {self.shortest} tokens but data.seq_len is "
-                f"{seq_len}; raise seq_len or lower TaskConfig.facts / min_length."
+                f"{seq_len}; raise seq_len or lower data.task.facts / min_length."
             )
         self.haystack = haystack
 

@@ -1,0 +1,184 @@
+"""The reproduction study: the context-extension methods side by side on one base model.
+
+  python -m ctxext_jax.study --config configs/study.py --workdir runs/study
+  python -m ctxext_jax.study --config configs/study.py:quick --workdir /tmp/study-quick
+  python -m ctxext_jax.study --config configs/study.py:gpu --workdir runs/study-gpu
+
+The base model (2 layers, d 256, 8 heads: the smallest shape that measurably gets past the
+induction plateau on multi-query associative recall in minutes on a CPU, see
+/work/shared/notes/retrieval-feasibility.md) trains at the base length on a mixture of held-out-
+split-free stdlib text and the `kv` task (8 key-value facts in a haystack of text, every key
+asked at the end). Every arm is then evaluated at 1x, 2x, 4x and 8x the base length.
+
+Variants: `default` (CPU, 2 seeds), `short` (the default with one seed and ~1/4 of the
+tokens: what fits an hour of a busy CPU), `quick` (a tiny model and few steps: checks the machinery
+in CI, not the thresholds), `gpu` (a ~110M-parameter model at base length 2048 on one GPU).
+Override anything: `--config.study.seeds=0, --config.base.train.steps=3000`.
+"""
+
+import ml_collections
+
+from ctxext_jax.config import defaults
+
+ARMS = (
+    "base", "pi_zeroshot", "ntk_zeroshot", "dynamic_ntk_zeroshot", "yarn_zeroshot",
+    "dynamic_yarn_zeroshot", "pi_finetune", "yarn_finetune", "no_scaling_finetune", "pose",
+    "staged", "alibi", "window_sinks",
+)  # fmt: skip
+QUICK_ARMS = ("base", "yarn_zeroshot", "yarn_finetune", "pose", "staged", "window_sinks")
+
+
+def _base(L: int, *, d: int, layers: int, heads: int, mlp: int, steps: int, batch: int,
+          lr: float, dtype: str = "float32"):  # fmt: skip
+    c = defaults()
+    c.model.update(
+        vocab_size=320, d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=heads,
+        head_dim=d // heads, mlp_dim=mlp, max_position_embeddings=L, dtype=dtype,
+    )  # fmt: skip
+    c.data.update(seq_len=L, mixture={"text": 0.3, "kv": 0.7})
+    c.train.update(steps=steps, batch_size=batch, log_every=max(1, steps // 20))
+    c.optim.update(lr=lr, warmup_steps=max(1, steps // 20))
+    c.checkpoint.update(every=max(1, steps // 4), keep=2)
+    c.eval.update(every=steps, batches=4, batch_size=min(16, batch), every_long=0)
+    return c
+
+
+def _arms(L: int, *, F: int, finetune_steps: int, finetune_batch: int, finetune_lr: float,
+          scratch_steps: int):  # fmt: skip
+    """Every arm; `F` is the extension factor the scaled arms are built for."""
+    theta = 10000.0
+    yarn = {"rope_type": "yarn", "rope_theta": theta, "factor": float(F),
+            "original_max_position_embeddings": L}  # fmt: skip
+    pi = {"rope_type": "linear", "rope_theta": theta, "factor": float(F)}
+    warm = max(1, finetune_steps // 10)
+
+    def finetune(rope):
+        return dict(
+            data=dict(seq_len=F * L),
+            model=dict(max_position_embeddings=F * L, rope=rope),
+            train=dict(steps=finetune_steps, batch_size=finetune_batch,
+                       log_every=max(1, finetune_steps // 10)),
+            optim=dict(lr=finetune_lr, warmup_steps=warm),
+            checkpoint=dict(every=finetune_steps),
+            eval=dict(every=finetune_steps, batch_size=finetune_batch),
+        )  # fmt: skip
+
+    def zeroshot(**model):
+        return dict(train=False, init="base", overrides={}, eval_model=model)
+
+    half = max(1, finetune_steps // 2)
+    staged = dict(
+        train=dict(
+            steps=finetune_steps,
+            stages=(
+                dict(steps=half, seq_len=2 * L, batch_size=2 * finetune_batch, lr=finetune_lr,
+                     warmup_steps=half // 10,
+                     rope={"rope_type": "default", "rope_theta": theta * 4}),
+                dict(steps=finetune_steps - half, seq_len=F * L, batch_size=finetune_batch,
+                     lr=finetune_lr, warmup_steps=half // 10,
+                     rope={"rope_type": "default", "rope_theta": theta * 16}),
+            ),
+            log_every=max(1, finetune_steps // 10),
+        ),
+        checkpoint=dict(every=finetune_steps),
+        eval=dict(every=finetune_steps, batch_size=finetune_batch),
+    )  # fmt: skip
+    return {
+        "base": dict(train=True, init="scratch", overrides={}, eval_model={}),
+        "pi_zeroshot": zeroshot(rope=pi),
+        "ntk_zeroshot": zeroshot(
+            rope={"rope_type": "ntk", "rope_theta": theta, "factor": float(F)}
+        ),  # fmt: skip
+        "dynamic_ntk_zeroshot": zeroshot(
+            rope={"rope_type": "dynamic", "rope_theta": theta, "factor": 1.0}
+        ),  # fmt: skip
+        "yarn_zeroshot": zeroshot(rope=yarn),
+        "dynamic_yarn_zeroshot": zeroshot(rope={**yarn, "rope_type": "dynamic_yarn"}),
+        "pi_finetune": dict(train=True, init="base", overrides=finetune(pi), eval_model={}),
+        "yarn_finetune": dict(train=True, init="base", overrides=finetune(yarn), eval_model={}),
+        "no_scaling_finetune": dict(
+            train=True,
+            init="base",
+            eval_model={},
+            overrides=finetune({"rope_type": "default", "rope_theta": theta}),
+        ),  # fmt: skip
+        # PoSE: base-length rows whose position ids cover F x L, with YaRN's positions.
+        "pose": dict(
+            train=True,
+            init="base",
+            eval_model={},
+            overrides=dict(
+                model=dict(rope=yarn),
+                train=dict(
+                    steps=finetune_steps,
+                    batch_size=F * finetune_batch,
+                    pose=dict(target_length=F * L, chunks=2),
+                    log_every=max(1, finetune_steps // 10),
+                ),
+                optim=dict(lr=finetune_lr, warmup_steps=warm),
+                checkpoint=dict(every=finetune_steps),
+                eval=dict(every=finetune_steps),
+            ),
+        ),  # fmt: skip
+        # ProLong-style progressive schedule: 2x with theta x4, then 4x with theta x16.
+        "staged": dict(train=True, init="base", overrides=staged, eval_model={}),
+        # ALiBi trains its own base model (its positions are not RoPE's).
+        "alibi": dict(
+            train=True,
+            init="scratch",
+            eval_model={},
+            overrides=dict(
+                model=dict(alibi=True, rope={"rope_type": "nope"}),
+                train=dict(steps=scratch_steps),
+            ),
+        ),  # fmt: skip
+        # StreamingLLM: a sliding window of the base length plus 4 attention sinks, zero-shot.
+        "window_sinks": zeroshot(layer_pattern="L", window=L, sinks=4),
+    }
+
+
+def get_config(arg: str = "default"):
+    c = ml_collections.ConfigDict()
+    if arg == "default":
+        L = 128
+        c.base = _base(L, d=256, layers=2, heads=8, mlp=512, steps=2000, batch=32, lr=1e-3)
+        arms = _arms(L, F=4, finetune_steps=125, finetune_batch=32, finetune_lr=5e-4,
+                     scratch_steps=2000)  # fmt: skip
+        c.study = dict(seeds=(0, 1), factors=(1, 2, 4, 8), task="kv",
+                       depths=(0.0, 0.25, 0.5, 0.75, 1.0), trials=10, ppl_tokens=32768,
+                       stride=0.5, repeat_period=0, batch_tokens=16384, arms=ARMS)  # fmt: skip
+    elif arg == "short":  # the default cut to ~1/4 of its tokens and one seed
+        L = 128
+        c.base = _base(L, d=256, layers=2, heads=8, mlp=512, steps=600, batch=16, lr=1e-3)
+        arms = _arms(L, F=4, finetune_steps=40, finetune_batch=8, finetune_lr=5e-4,
+                     scratch_steps=600)  # fmt: skip
+        c.study = dict(seeds=(0,), factors=(1, 2, 4, 8), task="kv",
+                       depths=(0.0, 0.25, 0.5, 0.75, 1.0), trials=10, ppl_tokens=8192,
+                       stride=0.5, repeat_period=0, batch_tokens=8192, arms=ARMS)  # fmt: skip
+    elif arg == "quick":  # seconds per arm: checks the machinery, not the thresholds
+        L = 32
+        c.base = _base(L, d=32, layers=2, heads=2, mlp=64, steps=6, batch=8, lr=3e-3)
+        c.base.data.task.facts = 3
+        c.base.eval.batches = 1
+        arms = _arms(L, F=4, finetune_steps=2, finetune_batch=8, finetune_lr=1e-3,
+                     scratch_steps=6)  # fmt: skip
+        c.study = dict(seeds=(0,), factors=(1, 2, 4, 8), task="kv", depths=(0.0, 1.0),
+                       trials=2, ppl_tokens=1024, stride=0.5, repeat_period=0,
+                       batch_tokens=1024, arms=QUICK_ARMS)  # fmt: skip
+    elif arg == "gpu":  # one GPU: ~110M parameters at base length 2048
+        L = 2048
+        c.base = _base(L, d=768, layers=12, heads=12, mlp=3072, steps=4000, batch=32,
+                       lr=6e-4, dtype="bfloat16")  # fmt: skip
+        c.base.model.remat = "dots"
+        c.base.data.task.facts = 16
+        arms = _arms(L, F=4, finetune_steps=250, finetune_batch=8, finetune_lr=2e-4,
+                     scratch_steps=4000)  # fmt: skip
+        c.study = dict(seeds=(0, 1), factors=(1, 2, 4, 8), task="kv",
+                       depths=(0.0, 0.25, 0.5, 0.75, 1.0), trials=10, ppl_tokens=262144,
+                       stride=0.5, repeat_period=0, batch_tokens=65536, arms=ARMS)  # fmt: skip
+    else:
+        raise ValueError(
+            f"configs/study.py: unknown variant {arg!r}; use default, short, quick or gpu."
+        )
+    c.arms = arms
+    return c
