@@ -25,7 +25,8 @@ ARMS = (
     "dynamic_yarn_zeroshot", "pi_finetune", "yarn_finetune", "no_scaling_finetune", "pose",
     "staged", "alibi", "window_sinks",
 )  # fmt: skip
-QUICK_ARMS = ("base", "yarn_zeroshot", "yarn_finetune", "pose", "staged", "window_sinks")
+# quick: one arm of each kind (the base run, a zero-shot evaluation, a fine-tune from the base).
+QUICK_ARMS = ("base", "yarn_zeroshot", "yarn_finetune")
 
 
 def _base(L: int, *, d: int, layers: int, heads: int, mlp: int, steps: int, batch: int,

@@ -44,7 +44,7 @@ from ctxext_jax.cli import exit_on_user_error, parse_flags
 from ctxext_jax.config import validate
 from ctxext_jax.data import tasks
 from ctxext_jax.data.pipeline import task_haystack
-from ctxext_jax.errors import fail
+from ctxext_jax.errors import ConfigError, fail
 from ctxext_jax.evals.perplexity import sliding_perplexity, token_stream
 from ctxext_jax.evals.scoring import make_scorer
 from ctxext_jax.model import ModelConfig
@@ -117,6 +117,12 @@ def check_study(config) -> None:
     if s.trials * len(s.depths) < 1 or not s.factors or not s.seeds:
         fail("study", "factors, seeds, depths and trials must be non-empty.")
     validate(config.base)
+    for name in s.arms:  # every arm's training config, before hours of the others' training
+        if config.arms[name].train:
+            try:
+                validate(arm_run_config(config, name, 0, "<workdir>"))
+            except ConfigError as e:
+                raise ConfigError(f"arms.{name}: {e}") from None
 
 
 # --------------------------------------------------------------------------- training
