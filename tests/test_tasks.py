@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ctxext_jax.data import ByteTokenizer, DataConfig, eval_batches, tasks, train_iterator
+from ctxext_jax.data import ByteTokenizer, DataConfig, eval_batches, global_train_iterator, tasks
 from ctxext_jax.data.pose import PoseConfig, pose_positions
 
 TOK = ByteTokenizer()
@@ -103,8 +103,15 @@ def test_mixture_stream_and_per_source_masks(tmp_path):
          "task": {"facts": 4}, "seq_len": 48, "eval_split": "train"}
     )  # fmt: skip
     assert cfg.source_names == ("kv", "text")
-    it = train_iterator(cfg, global_batch_size=8, seq_len=48, seed=0)
-    batches = [next(it) for _ in range(6)]
+    it = global_train_iterator(cfg, global_batch_size=4, seq_len=48, seed=0)
+    batches = [next(it) for _ in range(12)]
+    # Read as streams: two processes' rows together are the one-process batch.
+    halves = [global_train_iterator(cfg, global_batch_size=4, seq_len=48, seed=0,
+                                    process_index=p, process_count=2) for p in (0, 1)]  # fmt: skip
+    for b in batches[:2]:
+        parts = [next(h) for h in halves]
+        for key in b:
+            np.testing.assert_array_equal(b[key], np.concatenate([p[key] for p in parts]))
     ids = np.concatenate([b["source_ids"][b["segment_ids"] > 0] for b in batches])
     assert 0.2 < np.mean(ids == 0) < 0.8
     for b in batches:
