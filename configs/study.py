@@ -12,7 +12,8 @@ asked at the end). Every arm is then evaluated at 1x, 2x, 4x and 8x the base len
 
 Variants: `default` (CPU, 2 seeds), `short` (the default with one seed and ~1/4 of the
 tokens: what fits an hour of a busy CPU), `quick` (a tiny model and few steps: checks the machinery
-in CI, not the thresholds), `gpu` (a ~110M-parameter model at base length 2048 on one GPU).
+in CI, not the thresholds), `gpu` (a 114M-parameter model at base length 2048, one seed and 7
+arms: ~5 minutes of one GPU).
 Override anything: `--config.study.seeds=0, --config.base.train.steps=3000`.
 """
 
@@ -27,6 +28,9 @@ ARMS = (
 )  # fmt: skip
 # quick: one arm of each kind (the base run, a zero-shot evaluation, a fine-tune from the base).
 QUICK_ARMS = ("base", "yarn_zeroshot", "yarn_finetune")
+# gpu: what fits ~5 minutes of one GPU (every training arm compiles its own step).
+GPU_ARMS = ("base", "pi_zeroshot", "ntk_zeroshot", "dynamic_ntk_zeroshot", "yarn_zeroshot",
+            "yarn_finetune", "no_scaling_finetune")  # fmt: skip
 
 
 def _base(L: int, *, d: int, layers: int, heads: int, mlp: int, steps: int, batch: int,
@@ -166,17 +170,17 @@ def get_config(arg: str = "default"):
         c.study = dict(seeds=(0,), factors=(1, 2, 4, 8), task="kv", depths=(0.0, 1.0),
                        trials=2, ppl_tokens=1024, stride=0.5, repeat_period=0,
                        batch_tokens=1024, arms=QUICK_ARMS)  # fmt: skip
-    elif arg == "gpu":  # one GPU: ~110M parameters at base length 2048
+    elif arg == "gpu":  # one GPU, ~5 min: a 114M-parameter model at base length 2048
         L = 2048
-        c.base = _base(L, d=768, layers=12, heads=12, mlp=3072, steps=4000, batch=32,
+        c.base = _base(L, d=768, layers=12, heads=12, mlp=3072, steps=500, batch=32,
                        lr=6e-4, dtype="bfloat16")  # fmt: skip
         c.base.model.remat = "dots"
         c.base.data.task.facts = 16
-        arms = _arms(L, F=4, finetune_steps=250, finetune_batch=8, finetune_lr=2e-4,
-                     scratch_steps=4000)  # fmt: skip
-        c.study = dict(seeds=(0, 1), factors=(1, 2, 4, 8), task="kv",
-                       depths=(0.0, 0.25, 0.5, 0.75, 1.0), trials=10, ppl_tokens=262144,
-                       stride=0.5, repeat_period=0, batch_tokens=65536, arms=ARMS)  # fmt: skip
+        arms = _arms(L, F=4, finetune_steps=60, finetune_batch=8, finetune_lr=2e-4,
+                     scratch_steps=500)  # fmt: skip
+        c.study = dict(seeds=(0,), factors=(1, 2, 4, 8), task="kv",
+                       depths=(0.0, 0.25, 0.5, 0.75, 1.0), trials=10, ppl_tokens=65536,
+                       stride=0.5, repeat_period=0, batch_tokens=65536, arms=GPU_ARMS)  # fmt: skip
     else:
         raise ValueError(
             f"configs/study.py: unknown variant {arg!r}; use default, short, quick or gpu."

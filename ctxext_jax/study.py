@@ -146,6 +146,10 @@ def train_arm(config, name: str, seed: int, workdir: str) -> tuple[str, float]:
     print(f"== seed {seed}: training {name}", flush=True)
     clock = time.perf_counter()
     train_and_evaluate(run, run_dir)
+    if not _finished(run_dir, run.train.steps):  # stopped by SIGTERM / SIGINT: it saved
+        print(f"stopped while training {name} (seed {seed}); rerun the same command to "
+              "continue the study", flush=True)  # fmt: skip
+        raise SystemExit(0)
     return run_dir, time.perf_counter() - clock
 
 
