@@ -98,7 +98,9 @@ def _arms(L: int, *, F: int, finetune_steps: int, finetune_batch: int, finetune_
             rope={"rope_type": "dynamic", "rope_theta": theta, "factor": 1.0}
         ),  # fmt: skip
         "yarn_zeroshot": zeroshot(rope=yarn),
-        "dynamic_yarn_zeroshot": zeroshot(rope={**yarn, "rope_type": "dynamic_yarn"}),
+        "dynamic_yarn_zeroshot": zeroshot(  # scales with the length itself: no factor
+            rope={k: v for k, v in yarn.items() if k != "factor"} | {"rope_type": "dynamic_yarn"}
+        ),
         "pi_finetune": dict(train=True, init="base", overrides=finetune(pi), eval_model={}),
         "yarn_finetune": dict(train=True, init="base", overrides=finetune(yarn), eval_model={}),
         "no_scaling_finetune": dict(

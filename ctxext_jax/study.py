@@ -117,12 +117,15 @@ def check_study(config) -> None:
     if s.trials * len(s.depths) < 1 or not s.factors or not s.seeds:
         fail("study", "factors, seeds, depths and trials must be non-empty.")
     validate(config.base)
-    for name in s.arms:  # every arm's training config, before hours of the others' training
-        if config.arms[name].train:
-            try:
-                validate(arm_run_config(config, name, 0, "<workdir>"))
-            except ConfigError as e:
-                raise ConfigError(f"arms.{name}: {e}") from None
+    for name in s.arms:  # every arm's training and evaluated model, before hours of training
+        run = arm_run_config(config, name, 0, "<workdir>")
+        eval_model = _plain(config.arms[name].eval_model)
+        if eval_model:
+            _update(run.model, eval_model, f"arms.{name}.eval_model")
+        try:
+            validate(run)
+        except ConfigError as e:
+            raise ConfigError(f"arms.{name}: {e}") from None
 
 
 # --------------------------------------------------------------------------- training
