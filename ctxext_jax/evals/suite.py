@@ -97,34 +97,27 @@ def _tokens_of(options: EvalOptions, n_stream: int) -> int:
     return total
 
 
-def run_suite(
-    scorer_for: Callable[[int], Scorer],
-    tokenizer,
-    data_cfg: DataConfig,
-    options: EvalOptions,
-    *,
-    progress: bool = True,
-    generator_for: Callable[[int], Generator] | None = None,
-) -> dict:
-    """-> {"perplexity": [per length], "passkey": grid, "needle": {variant: grid}} for the
-    metrics asked for. scorer_for(length) gives the scorer to use at that window length;
-    generator_for(length), when given, a generator that scores passkey and needles by real
-    generation instead of teacher forcing."""
+def _eval_tokens(tokenizer, data_cfg: DataConfig, options: EvalOptions):
+    """-> (the first ppl_tokens tokens of the eval split, the needle haystack): one read of the
+    split serves both, the haystack being the same text without the document separators."""
     longest = max(options.lengths)
-    # One read of the split serves both: perplexity scores its first ppl_tokens tokens and the
-    # needle haystack is the same text without the document separators.
     stream = token_stream(
         eval_documents(data_cfg), tokenizer, max_tokens=max(options.ppl_tokens, 2 * longest)
     )
     haystack = stream[(stream != tokenizer.bos_id) & (stream != tokenizer.eos_id)]
-    stream = stream[: options.ppl_tokens]
-    if "ppl" in options.metrics and len(stream) <= longest:
+    return stream[: options.ppl_tokens], haystack
+
+
+def _check_lengths(options: EvalOptions, tokenizer, available: int) -> None:
+    """Raises ValueError, before any metric runs, where a length cannot be measured: perplexity
+    needs more than the longest window of tokens, passkey and needles room for their prompt."""
+    longest, shortest = max(options.lengths), min(options.lengths)
+    if "ppl" in options.metrics and available <= longest:
         raise ValueError(
             f"--lengths: {longest} needs more than {longest} tokens of the eval split but only "
-            f"{len(stream)} are there (--ppl_tokens={options.ppl_tokens}); raise --ppl_tokens or "
+            f"{available} are there (--ppl_tokens={options.ppl_tokens}); raise --ppl_tokens or "
             "lower the lengths."
         )
-    shortest = min(options.lengths)
     needles = 1 if set(options.needle_variants) == {"single"} else options.needles
     for metric, need in [
         ("passkey", passkey_min_length(tokenizer)),
@@ -136,72 +129,76 @@ def run_suite(
                 f"without filler with this tokenizer); use lengths >= {need} or drop {metric} "
                 "from --metrics."
             )
+
+
+def _by_length(grids: list[dict], lengths: Sequence[int]) -> dict:
+    """One-length grids (one per length, in order) -> one grid over all `lengths`."""
+    merged = {**grids[0], "lengths": list(lengths)}
+    for key in ("accuracy", "distractor_rate"):
+        if key in grids[0]:
+            merged[key] = [g[key][0] for g in grids]
+    return merged
+
+
+def run_suite(
+    scorer_for: Callable[[int], Scorer],
+    tokenizer,
+    data_cfg: DataConfig,
+    options: EvalOptions,
+    *,
+    progress: bool = True,
+    generator_for: Callable[[int], Generator] | None = None,
+) -> dict:
+    """-> {"perplexity": [per length], "passkey": grid, "needle": {variant: grid}} for the
+    metrics asked for, and "timings_s" per metric. scorer_for(length) gives the scorer to use
+    at that window length; generator_for(length), when given, a generator that scores passkey
+    and needles by real generation instead of teacher forcing."""
+    stream, haystack = _eval_tokens(tokenizer, data_cfg, options)
+    _check_lengths(options, tokenizer, len(stream))
     bar = Progress(_tokens_of(options, len(stream))) if progress else None
+    o, lengths = options, options.lengths
+
+    def generator(length):
+        return generator_for(length) if generator_for else None
+
+    def perplexity():
+        return [
+            sliding_perplexity(scorer_for(n), stream, length=n,
+                               stride=resolve_stride(o.stride, n), batch_tokens=o.batch_tokens,
+                               buckets=o.buckets, progress=bar)
+            for n in lengths
+        ]  # fmt: skip
+
+    def passkey():
+        return _by_length([
+            passkey_grid(scorer_for(n), tokenizer, lengths=[n], depths=o.depths,
+                         trials=o.passkey_trials, seed=o.seed, batch_tokens=o.batch_tokens,
+                         progress=bar, generator=generator(n))
+            for n in lengths
+        ], lengths)  # fmt: skip
+
+    def needle():
+        return {
+            variant: _by_length([
+                needle_grid(scorer_for(n), tokenizer, haystack, lengths=[n], depths=o.depths,
+                            trials=o.needle_trials, variant=variant, needles=o.needles,
+                            seed=o.seed, batch_tokens=o.batch_tokens, progress=bar,
+                            generator=generator(n))
+                for n in lengths
+            ], lengths)
+            for variant in o.needle_variants
+        }  # fmt: skip
+
+    measures = {"ppl": ("perplexity", perplexity), "passkey": ("passkey", passkey),
+                "needle": ("needle", needle)}  # fmt: skip
     results: dict = {}
     timings: dict[str, float] = {}
-    clock = time.perf_counter()
-    if "ppl" in options.metrics:
-        results["perplexity"] = [
-            sliding_perplexity(
-                scorer_for(length),
-                stream,
-                length=length,
-                stride=resolve_stride(options.stride, length),
-                batch_tokens=options.batch_tokens,
-                buckets=options.buckets,
-                progress=bar,
-            )
-            for length in options.lengths
-        ]
-        timings["ppl"], clock = time.perf_counter() - clock, time.perf_counter()
-    if "passkey" in options.metrics:
-        grids = [
-            passkey_grid(
-                scorer_for(length),
-                tokenizer,
-                lengths=[length],
-                depths=options.depths,
-                trials=options.passkey_trials,
-                seed=options.seed,
-                batch_tokens=options.batch_tokens,
-                progress=bar,
-                generator=generator_for(length) if generator_for else None,
-            )
-            for length in options.lengths
-        ]
-        results["passkey"] = {
-            **grids[0],
-            "lengths": list(options.lengths),
-            "accuracy": [g["accuracy"][0] for g in grids],
-        }
-        timings["passkey"], clock = time.perf_counter() - clock, time.perf_counter()
-    if "needle" in options.metrics:
-        results["needle"] = {}
-        for variant in options.needle_variants:
-            grids = [
-                needle_grid(
-                    scorer_for(length),
-                    tokenizer,
-                    haystack,
-                    lengths=[length],
-                    depths=options.depths,
-                    trials=options.needle_trials,
-                    variant=variant,
-                    needles=options.needles,
-                    seed=options.seed,
-                    batch_tokens=options.batch_tokens,
-                    progress=bar,
-                    generator=generator_for(length) if generator_for else None,
-                )
-                for length in options.lengths
-            ]
-            merged = {**grids[0], "lengths": list(options.lengths)}
-            for key in ("accuracy", "distractor_rate"):
-                if key in grids[0]:
-                    merged[key] = [g[key][0] for g in grids]
-            results["needle"][variant] = merged
-        timings["needle"] = time.perf_counter() - clock
-    results["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
+    for metric, (key, measure) in measures.items():
+        if metric in options.metrics:
+            start = time.perf_counter()
+            results[key] = measure()
+            timings[metric] = round(time.perf_counter() - start, 2)
+    results["timings_s"] = timings
     return results
 
 
