@@ -205,12 +205,16 @@ def test_rope_blocks_on_the_command_line():
     ids=["help", "int", "float", "rope-field"],
 )  # fmt: skip
 def test_flag_parsing_contract(args, code, first, capsys, monkeypatch):
-    """What the CLIs' flag parser does with --help and with ill-typed overrides, in-process."""
-    from ctxext_jax import train  # noqa: F401  (defines the trainer's flags)
+    """What the CLIs' flag parser does with --help and with ill-typed overrides, in-process, as
+    `python -m ctxext_jax.train` would: the trainer is the main module (absl's help prints the
+    main module's docstring, which would otherwise be whatever started pytest) and argv[0] names
+    the module its flags were defined in (for the flag listing)."""
+    from ctxext_jax import train  # (defines the trainer's flags)
     from ctxext_jax.cli import parse_flags
 
-    argv = ["train", "--config", "configs/tiny.py:test", "--workdir", "/nonexistent", *args]
+    argv = [train.__name__, "--config", "configs/tiny.py:test", "--workdir", "/nonexistent", *args]
     monkeypatch.setattr(sys, "argv", list(argv))
+    monkeypatch.setitem(sys.modules, "__main__", train)
 
     def parse_and_validate():
         from absl import flags
@@ -227,7 +231,7 @@ def test_flag_parsing_contract(args, code, first, capsys, monkeypatch):
     out = capsys.readouterr()
     assert stop.value.code == code
     if first is None:
-        assert "USAGE" in out.out  # in-process the main module is pytest: no flag listing
+        assert out.out.startswith(train.__doc__) and "--workdir: Where checkpoints" in out.out
     else:
         lines = out.err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(first), lines
