@@ -79,7 +79,7 @@ def ours(cfg: ModelConfig, length: int, args) -> dict:
 
     def prefill():
         caches = decode.init_cache(model, args.batch, capacity=capacity)
-        jax.block_until_ready(decode.prefill(model, caches, tokens, positions)[0])
+        jax.block_until_ready(decode.prefill(model, caches, tokens, positions, fresh=True)[0])
 
     def generate(n):
         return lambda: decode.generate(model, prompts, max_new_tokens=n, ignore_eos=True,

@@ -50,9 +50,10 @@ def _reference(model, ids) -> np.ndarray:
     return np.asarray(_reference_fn(model.config)(model.params, jnp.asarray([ids], jnp.int32)))[0]
 
 
-def _cached_logits(model, prompt, steps, *, chunk=0, rope_decode="hf", cache="full", **kw):
-    """Prefills (one pass or chunks), then feeds the greedy tokens one by one.
-    -> (tokens, logits [steps, V] each predicting the next token)."""
+def _cached_logits(model, prompt, steps, *, chunk=0, rope_decode="hf", cache="full", fresh=False,
+                   **kw):  # fmt: skip
+    """Prefills (one pass or chunks; fresh: the first piece attends to itself alone), then feeds
+    the greedy tokens one by one. -> (tokens, logits [steps, V] each predicting the next token)."""
     caches = decode.init_cache(model, 1, capacity=32, cache=cache, rope_decode=rope_decode, **kw)
     piece = chunk or len(prompt)
     padded = -(-len(prompt) // piece) * piece
@@ -62,8 +63,9 @@ def _cached_logits(model, prompt, steps, *, chunk=0, rope_decode="hf", cache="fu
     for start in range(0, padded, piece):
         sl = slice(start, start + piece)
         logits, caches = decode.prefill(
-            model, caches, tokens[:, sl], positions[:, sl], positions[:, sl] < len(prompt)
-        )
+            model, caches, tokens[:, sl], positions[:, sl], positions[:, sl] < len(prompt),
+            fresh=fresh and start == 0,
+        )  # fmt: skip
         if start <= len(prompt) - 1 < start + piece:
             last = np.asarray(logits[0, len(prompt) - 1 - start])
     ids, out = list(prompt), [last]
@@ -88,13 +90,17 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize(
-    "variant, chunk",
-    [("G+L+C", 0), ("G+L+C", 3), ("G+L+C-unscanned", 3), ("alibi+nope", 3), ("blockwise", 3)],
-    ids=["one-shot", "chunked", "unscanned-chunked", "alibi+nope-chunked", "blockwise-chunked"],
-)
-def test_cached_decode_equals_full_forward(variant, chunk):
+    "variant, chunk, fresh",
+    [("G+L+C", 0, False), ("G+L+C", 0, True), ("G+L+C", 3, False), ("G+L+C", 3, True),
+     ("G+L+C-unscanned", 3, False), ("alibi+nope", 3, True), ("blockwise", 3, False)],
+    ids=["one-shot", "one-shot-fresh", "chunked", "chunked-fresh-first", "unscanned-chunked",
+         "alibi+nope-chunked-fresh", "blockwise-chunked"],
+)  # fmt: skip
+def test_cached_decode_equals_full_forward(variant, chunk, fresh):
+    """fresh: the first prompt piece attends to itself alone (the path that lets cuDNN run a
+    prefill); windows shorter than the prompt keep their ring semantics."""
     model = _model(**VARIANTS[variant])
-    ids, logits, _ = _cached_logits(model, PROMPT, STEPS, chunk=chunk)
+    ids, logits, _ = _cached_logits(model, PROMPT, STEPS, chunk=chunk, fresh=fresh)
     ref = _reference(model, ids)
     _assert_close(logits, ref[len(PROMPT) - 1 : -1])
 

@@ -41,6 +41,11 @@ FUSED = ("cudnn", "splash")  # custom calls: run per device under shard_map on a
 # CPU: the dense reference only wins for tiny T x S (benchmarks/attention.py: blockwise is
 # already ~3x faster at T = S = 512).
 _XLA_MAX_ELEMENTS = 1 << 16
+# Any platform: a handful of queries (a decode step) over a long cache. The dense [B, H, T, S]
+# logits are small, and a blockwise scan over S / block_kv key blocks would launch a chain of
+# tiny kernels per layer (the H200 run in benchmarks/results/h200-2026-11-30.log decoded the
+# 336M shape at 5.35 ms/token at a 4k context through blockwise, before this rule).
+_XLA_MAX_QUERIES = 16
 # cudnn: packed documents / per-document positions need a dense [B, 1, T, S] mask through the
 # public jax.nn.dot_product_attention (JAX 0.10 and 0.11 take per-row lengths only; cuDNN's
 # per-document offsets are reachable only through jax._src). Allowed up to 8192 x 8192 (short
@@ -143,7 +148,7 @@ def choose_implementation(
             return "cudnn"
     if platform == "tpu" and supports("splash", mask, **kw) is None:
         return "splash"
-    if platform == "cpu" and T * S <= _XLA_MAX_ELEMENTS:
+    if (platform == "cpu" and T * S <= _XLA_MAX_ELEMENTS) or T <= _XLA_MAX_QUERIES:
         return "xla"
     return "blockwise"
 

@@ -86,10 +86,13 @@ class LayerCache:
 @dataclasses.dataclass(frozen=True)
 class DecodeStep:
     """The new tokens of one call. positions: [B, T] int32 absolute; valid: [B, T] bool (False
-    for padding: such a token is neither written nor visible)."""
+    for padding: such a token is neither written nor visible). fresh: the caches are empty and
+    positions are 0 .. T-1 in every row, padding only after each row's tokens (a first prompt
+    piece), so attention needs only the new keys."""
 
     positions: Array
     valid: Array
+    fresh: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 def _scaling(cfg, kind):
@@ -260,16 +263,25 @@ def cached_attention(q, k, v, cache: LayerCache, step: DecodeStep, *, cfg, kind:
     else:
         window = cfg.window if kind == "local" else None
         sinks = cfg.sinks if kind != "global" else 0
-    mask = Mask(
-        causal=True,
-        window=window,
-        chunk=cfg.chunk if kind == "chunked" else None,
-        sinks=sinks,
-        q_segment_ids=jnp.ones(pos.shape, jnp.int32),
-        kv_segment_ids=(kv_pos >= 0).astype(jnp.int32),
-        q_positions=pos,
-        kv_positions=kv_pos,
-    )
+    chunk = cfg.chunk if kind == "chunked" else None
+    if step.fresh and not cache.streaming:
+        # A first prompt piece over empty caches: the piece attends to itself alone, at the
+        # default positions and without slot or position vectors in the mask, which lets
+        # `auto` run a fused kernel (cuDNN on a GPU) for the prefill. Padding trails each row,
+        # so no real query sees it under the causal mask.
+        keys, values = (rotate(k, pos) if cache.raw else k_store), v
+        mask = Mask(causal=True, window=window, chunk=chunk, sinks=sinks)
+    else:
+        mask = Mask(
+            causal=True,
+            window=window,
+            chunk=chunk,
+            sinks=sinks,
+            q_segment_ids=jnp.ones(pos.shape, jnp.int32),
+            kv_segment_ids=(kv_pos >= 0).astype(jnp.int32),
+            q_positions=pos,
+            kv_positions=kv_pos,
+        )
     slopes = bias = None
     if cfg.alibi:
         slopes = alibi_slopes(cfg.n_heads)

@@ -144,14 +144,18 @@ def _statics(model: runner.Model) -> dict:
     return dict(cfg=model.config, mesh=model.mesh, rules=model.rules)
 
 
-def prefill(model, caches, tokens, positions, valid=None):
+def prefill(model, caches, tokens, positions, valid=None, *, fresh=False):
     """Runs tokens [B, T] at absolute positions [B, T] (valid [B, T] bool: False = padding)
-    through the caches. -> (float32 logits [B, T, V], caches). The caches are donated."""
+    through the caches. -> (float32 logits [B, T, V], caches). The caches are donated.
+    fresh=True promises empty caches, positions 0 .. T-1 and padding only at the end of each
+    row, which lets a fused kernel run the prompt's attention (see DecodeStep)."""
     model = runner.as_model(model)
     tokens = jnp.asarray(tokens, jnp.int32)
     positions = jnp.asarray(positions, jnp.int32)
     valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
-    return runner.forward_all(model.params, caches, tokens, positions, valid, **_statics(model))
+    return runner.forward_all(
+        model.params, caches, tokens, positions, valid, fresh=fresh, **_statics(model)
+    )
 
 
 def decode_step(model, caches, tokens, positions):
@@ -253,7 +257,7 @@ def generate(
     for start in range(0, padded_len, piece):
         caches, last_logits = runner.prefill_chunk(
             model.params, caches, tokens[:, start : start + piece], np.int32(start), prompt_len,
-            last_logits, **statics,
+            last_logits, fresh=start == 0, **statics,
         )  # fmt: skip
     out, logprobs, count, _ = runner.decode_loop(
         model.params,

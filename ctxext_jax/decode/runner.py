@@ -107,21 +107,22 @@ def _under_mesh(fn):
     return wrapped
 
 
-def _forward_all(params, caches, tokens, positions, valid, *, cfg):
+def _forward_all(params, caches, tokens, positions, valid, *, cfg, fresh=False):
     """tokens, positions [B, T], valid [B, T] bool -> (float32 logits [B, T, V], caches)."""
     model = _decoder(cfg, params)
-    hidden, caches = model.decode(tokens, DecodeStep(positions, valid), caches)
+    hidden, caches = model.decode(tokens, DecodeStep(positions, valid, fresh), caches)
     return model.logits(hidden), caches
 
 
-def _prefill_chunk(params, caches, tokens, start, prompt_len, last_logits, *, cfg):
+def _prefill_chunk(params, caches, tokens, start, prompt_len, last_logits, *, cfg, fresh=False):
     """One prompt piece: tokens [B, T] at positions start + arange(T), padding past prompt_len
-    [B]. last_logits [B, V] takes the logits of each row's last prompt token when it is here."""
+    [B]. last_logits [B, V] takes the logits of each row's last prompt token when it is here.
+    fresh (static): the first piece (start 0) into empty caches (see DecodeStep)."""
     B, T = tokens.shape
     positions = start + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     valid = positions < prompt_len[:, None]
     model = _decoder(cfg, params)
-    hidden, caches = model.decode(tokens, DecodeStep(positions, valid), caches)
+    hidden, caches = model.decode(tokens, DecodeStep(positions, valid, fresh), caches)
     last = prompt_len - 1 - start  # [B] index of the row's last prompt token in this piece
     here = (last >= 0) & (last < T)
     picked = jnp.take_along_axis(hidden, jnp.clip(last, 0, T - 1)[:, None, None], axis=1)[:, 0]
@@ -182,11 +183,11 @@ def _decode_loop(params, caches, logits, prompt_len, keys, max_new, eos, ignore_
 
 _STATIC = ("cfg", "mesh", "rules")
 forward_all = jax.jit(
-    _under_mesh(_forward_all), static_argnames=_STATIC, donate_argnames=("caches",)
+    _under_mesh(_forward_all), static_argnames=(*_STATIC, "fresh"), donate_argnames=("caches",)
 )
 prefill_chunk = jax.jit(
     _under_mesh(_prefill_chunk),
-    static_argnames=_STATIC,
+    static_argnames=(*_STATIC, "fresh"),
     donate_argnames=("caches", "last_logits"),
 )
 score_chunk = jax.jit(
