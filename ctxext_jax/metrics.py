@@ -161,5 +161,63 @@ class Progress:
         print(("\r" if self.tty else "") + line, end=end, file=self.stream, flush=True)
 
 
+class StepLog:
+    """The training loop's bookkeeping. Each step's metrics reach the non-finite guard (anything
+    with `update(step, metrics)` and `skipped`) one step late, so that reading them does not
+    stall the device; every `log_every`-th step's and the stage's last go to metrics.jsonl,
+    TensorBoard and the progress line, with the throughput (timed from the end of the first,
+    compiling step, evaluation time left out) and MFU."""
+
+    def __init__(self, writer: MetricsWriter, guard, progress: Progress, *, last: int,
+                 log_every: int, start_step: int, tokens_per_step: int, flops_per_token: float,
+                 peak_flops_per_device: float):  # fmt: skip
+        self.writer, self.guard, self.progress = writer, guard, progress
+        self.last, self.log_every = last, log_every
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.peak_flops = peak_flops_per_device * jax.device_count()
+        self.clock, self.clock_step = None, start_step
+        self.pending = None  # the previous step's metrics, checked once the next is dispatched
+        self.final: dict[str, float] = {}  # the last logged metrics and evaluations
+
+    def step(self, step: int, metrics) -> None:
+        """Takes step `step`'s metrics (device arrays) right after it was dispatched."""
+        if self.pending is not None:
+            self.guard.update(*self.pending)
+        self.pending = (step, metrics)
+        if self.clock is None:  # the first step compiles; time from its end
+            jax.block_until_ready(metrics)
+            self.clock, self.clock_step = time.perf_counter(), step
+        if step % self.log_every == 0 or step == self.last:
+            self._write(step, jax.device_get(metrics))
+
+    def _write(self, step: int, metrics) -> None:
+        self.guard.update(step, metrics)
+        self.pending = None
+        scalars = {k: float(v) for k, v in metrics.items() if k not in ("tokens", "nonfinite")}
+        scalars["skipped_steps"] = self.guard.skipped
+        if step > self.clock_step:
+            elapsed = time.perf_counter() - self.clock
+            tokens_per_sec = (step - self.clock_step) * self.tokens_per_step / elapsed
+            scalars["tokens_per_sec"] = tokens_per_sec
+            if self.peak_flops:
+                scalars["mfu"] = tokens_per_sec * self.flops_per_token / self.peak_flops
+        self.writer.write(step, scalars)
+        self.progress.step(step, scalars)
+        self.clock, self.clock_step, self.final = time.perf_counter(), step, scalars
+
+    def evaluations(self, step: int, results: dict[str, float]) -> None:
+        """Records evaluation results at `step` (and restarts the throughput clock after them)."""
+        if results:
+            self.writer.write(step, results)
+            self.final.update(results)
+            self.clock, self.clock_step = time.perf_counter(), step
+
+    def finish(self) -> None:
+        """Checks the last step's metrics when they were not logged."""
+        if self.pending is not None:
+            self.guard.update(*self.pending)
+            self.pending = None
+
+
 def perplexity(mean_loss: float) -> float:
     return float(np.exp(min(mean_loss, 80.0)))

@@ -9,6 +9,7 @@ Restarting the same command resumes from the latest checkpoint in `workdir`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -33,7 +34,13 @@ from ctxext_jax.data.pose import PoseConfig
 from ctxext_jax.divergence import NonFiniteGuard
 from ctxext_jax.errors import fail
 from ctxext_jax.evals import long_eval_subset
-from ctxext_jax.metrics import MetricsWriter, Progress, peak_flops_per_device, perplexity
+from ctxext_jax.metrics import (
+    MetricsWriter,
+    Progress,
+    StepLog,
+    peak_flops_per_device,
+    perplexity,
+)
 from ctxext_jax.model import ModelConfig, flops_per_token, param_count
 from ctxext_jax.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from ctxext_jax.steps import build_model, make_eval_step, make_train_step
@@ -68,9 +75,12 @@ class Program(NamedTuple):
     batch_sharding: jax.sharding.NamedSharding
 
 
+@functools.lru_cache(maxsize=8)
 def build_program(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh, rules, *,
                   grad_accum: int, seed: int, num_sources: int = 1) -> Program:  # fmt: skip
-    """Model, optimizer, shardings and the jitted step functions for `mesh`."""
+    """Model, optimizer, shardings and the jitted step functions for `mesh`. Kept per argument
+    values, so that training the same program again in one process (a run resumed in place,
+    stages that keep the model and optimizer) reuses its compiled steps."""
     apply, abstract_params, init_params = build_model(model_cfg, mesh, rules, seed=seed)
     tx = make_optimizer(optim_cfg)
     shardings = state_shardings(abstract_params, tx, mesh)
@@ -366,53 +376,25 @@ def train_stage(run_config, stage: stages.Stage, num_stages: int, state, ckpt, w
 
     # ----------------------------------------------------------------------- loop
     peak, peak_source = peak_flops_per_device()
-    flops_token = flops_per_token(model_cfg, seq_len)
     if start_step == stage.start:
         label = f"stage {stage.index + 1}/{num_stages}: " if num_stages > 1 else ""
-        print(
-            f"{label}model: {param_count(program.abstract_params) / 1e6:.2f}M params | "
-            f"mesh {dict(mesh.shape)} | "
-            f"{t.batch_size}x{seq_len} tokens/step | peak {peak / 1e12:.2f} TFLOP/s/device "
-            f"({peak_source})",
-            flush=True,
-        )
-    progress = Progress(run_config.train.steps, done=start_step)
-    last_time, last_step = None, start_step
+        print(f"{label}model: {param_count(program.abstract_params) / 1e6:.2f}M params | mesh "
+              f"{dict(mesh.shape)} | {t.batch_size}x{seq_len} tokens/step | peak "
+              f"{peak / 1e12:.2f} TFLOP/s/device ({peak_source})", flush=True)  # fmt: skip
     guard = NonFiniteGuard(t.max_nonfinite, lr=config.optim.lr, dtype=model_cfg.dtype,
                            latest_saved=ckpt.latest_step)  # fmt: skip
-    pending = None  # the previous step's metrics, checked once the next step is dispatched
-    final: dict[str, float] = {}
+    log = StepLog(writer, guard, Progress(run_config.train.steps, done=start_step),
+                  last=stage.end, log_every=t.log_every, start_step=start_step,
+                  tokens_per_step=t.batch_size * seq_len,
+                  flops_per_token=flops_per_token(model_cfg, seq_len),
+                  peak_flops_per_device=peak)  # fmt: skip
     for step in range(start_step + 1, stage.end + 1):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             batch = device_batch(next(train_iter), program.batch_sharding)
             state, metrics = program.train_step(state, batch)
-        if pending is not None:
-            guard.update(*pending)
-        pending = (step, metrics)
-        if last_time is None:  # the first step compiles; time from its end
-            jax.block_until_ready(metrics)
-            last_time, last_step = time.perf_counter(), step
-        if step % t.log_every == 0 or step == stage.end:
-            metrics = jax.device_get(metrics)
-            guard.update(step, metrics)
-            pending = None
-            elapsed = time.perf_counter() - last_time
-            scalars = {k: float(v) for k, v in metrics.items() if k not in ("tokens", "nonfinite")}
-            scalars["skipped_steps"] = guard.skipped
-            if step > last_step:
-                tokens_per_sec = (step - last_step) * t.batch_size * seq_len / elapsed
-                scalars["tokens_per_sec"] = tokens_per_sec
-                if peak:
-                    scalars["mfu"] = tokens_per_sec * flops_token / (peak * jax.device_count())
-            writer.write(step, scalars)
-            progress.step(step, scalars)
-            last_time, last_step, final = time.perf_counter(), step, scalars
-        evals = evaluate_at(step, config, program, state["params"], data_cfg, tokenizer,
-                            last=stage.end)  # fmt: skip
-        if evals:
-            writer.write(step, evals)
-            final.update(evals)
-            last_time, last_step = time.perf_counter(), step
+        log.step(step, metrics)
+        log.evaluations(step, evaluate_at(step, config, program, state["params"], data_cfg,
+                                          tokenizer, last=stage.end))  # fmt: skip
         preempted = preemption.reached(step)  # on every host, at every step
         ckpt.save(step, state, train_iter, config_json=run_config.to_json_best_effort(),
                   model_json=model_cfg.to_json(),
@@ -421,10 +403,9 @@ def train_stage(run_config, stage: stages.Stage, num_stages: int, state, ckpt, w
             if jax.process_index() == 0:
                 print(f"preempted: saving step {step}; rerun the same command to resume",
                       flush=True)  # fmt: skip
-            return state, final, True
-    if pending is not None:
-        guard.update(*pending)
-    return state, final, False
+            return state, log.final, True
+    log.finish()
+    return state, log.final, False
 
 
 # --------------------------------------------------------------------------- main

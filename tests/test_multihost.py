@@ -1,16 +1,16 @@
-"""Multi-host: the global batch does not depend on the process count, each process reads only
-its own documents, and CPU processes joined by jax.distributed (launch/local.sh) train the same
-losses as one process, stop on SIGTERM at one step on every host, and resume on one process."""
+"""Multi-host and preemption: the global batch does not depend on the process count and each
+process reads only its own documents; a trainer stops on SIGTERM / SIGINT at a saved step and the
+same command resumes, also after a kill -9 in the middle of a save; CPU processes joined by
+jax.distributed (launch/local.sh) train the same losses as one process, stop on SIGTERM at one
+step on every host, and resume on one process."""
 
 import contextlib
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from etils import epath
 from configs import tiny
 from ctxext_jax.data import BATCH_KEYS, DataConfig, pipeline
 from ctxext_jax.data.streams import StreamCheckpointHandler, global_train_iterator, stream_count
+from ctxext_jax.metrics import MetricsWriter
 from ctxext_jax.train import train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,13 +87,13 @@ STEPS = 12
 def _train_args(workdir):
     return ["--config", "configs/tiny.py:test", "--workdir", str(workdir),
             f"--config.train.steps={STEPS}", f"--config.optim.decay_steps={STEPS}",
-            "--config.checkpoint.every=100", "--config.eval.every=100"]  # fmt: skip
+            "--config.checkpoint.every=2", "--config.eval.every=100"]  # fmt: skip
 
 
 def _config():
     config = tiny.get_config("test")
     config.train.steps = config.optim.decay_steps = STEPS
-    config.checkpoint.every = config.eval.every = 100
+    config.checkpoint.every, config.eval.every = 2, 100
     return config
 
 
@@ -103,72 +104,133 @@ def _losses(workdir):
     return np.array([r["loss"] for r in rows if "loss" in r])
 
 
-def _logged_step_2(workdir) -> bool:
-    metrics = workdir / "metrics.jsonl"
-    return metrics.exists() and '"step": 2,' in metrics.read_text()
-
-
 def _stop_step(out):
     assert "preempted: saving step" in out, out
     return int(out.split("preempted: saving step ")[1].split(";")[0])
 
 
+def _start(command, log: Path, **env) -> subprocess.Popen:
+    """`command` from the repository in its own session, its output going to `log`."""
+    env = dict(os.environ, PYTHONPATH=str(REPO),
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", **env)  # fmt: skip
+    with open(log, "w") as out:
+        return subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+
+def _wait_for(proc, done, what: str, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not done():
+        if proc.poll() is not None or time.time() > deadline:
+            raise AssertionError(f"{what} never happened (exit code {proc.poll()})")
+        time.sleep(0.01)
+
+
+def _stopped(pid) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def _kill_mid_save(proc, checkpoints: Path) -> int:
+    """Waits for an Orbax save in flight (its <step>.orbax-checkpoint-tmp-* folder), freezes the
+    process there (SIGSTOP stops all its threads) and, if that save is still unfinished, kills it
+    (SIGKILL); a save that finished first lets it run on to the next. -> the killed step."""
+    while proc.poll() is None:
+        saving = [n for n in os.listdir(checkpoints) if ".orbax-checkpoint-tmp" in n]
+        if saving:
+            os.kill(proc.pid, signal.SIGSTOP)
+            while not _stopped(proc.pid):
+                time.sleep(0.001)
+            step = saving[0].split(".")[0]
+            if (checkpoints / saving[0]).exists() and not (checkpoints / step).exists():
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=60)
+                return int(step)
+            os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.001)
+    raise AssertionError(f"no save was caught in flight (exit code {proc.returncode})")
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    """One process (this one, 8 devices): SIGTERM once step 2 is logged, then (with the debris
-    of an interrupted later save planted) the same run again.
-    -> (workdir, stop step, first output, second output)."""
+    """One process (8 devices) checkpointing every 2 steps, the same run three times:
+    (1) in this process, a SIGTERM arriving as step 3 is logged; (2) the CLI in a subprocess,
+    killed (SIGKILL) in the middle of a later save; (3) in this process again, to the end.
+    -> (workdir, stop step, steps finished at the kill, killed step, output of 3)."""
     workdir = tmp_path_factory.mktemp("one")
+    write = MetricsWriter.write
 
-    def notify():
-        while not _logged_step_2(workdir):
-            time.sleep(0.02)
-        os.kill(os.getpid(), signal.SIGTERM)
+    def write_then_signal(self, step, scalars):  # a real signal, at a known step
+        write(self, step, scalars)
+        if step == 3 and "loss" in scalars:
+            os.kill(os.getpid(), signal.SIGTERM)
 
-    threading.Thread(target=notify, daemon=True).start()
-    outputs = []
-    for attempt in range(2):
-        with contextlib.redirect_stdout(io.StringIO()) as out:
-            train_and_evaluate(_config(), str(workdir))
-        outputs.append(out.getvalue())
-        if attempt == 0:  # what a kill -9 in the middle of a later save leaves behind
-            stop = _stop_step(outputs[0])
-            partial = workdir / "checkpoints" / f"{STEPS}.orbax-checkpoint-tmp-1700000000"
-            shutil.copytree(workdir / "checkpoints" / str(stop), partial)
-            for item in ("params", "opt_state"):
-                shutil.rmtree(partial / item)
-    return workdir, _stop_step(outputs[0]), *outputs
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as out:
+        patch.setattr(MetricsWriter, "write", write_then_signal)
+        train_and_evaluate(_config(), str(workdir))
+    stop = _stop_step(out.getvalue())
+
+    checkpoints = workdir / "checkpoints"
+    command = [sys.executable, "-m", "ctxext_jax.train", *_train_args(workdir)]
+    killed = _kill_mid_save(_start(command, workdir / "killed.log"), checkpoints)
+    finished = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        train_and_evaluate(_config(), str(workdir))
+    return workdir, stop, finished, killed, out.getvalue()
 
 
-def test_sigterm_saves_the_step_and_the_same_command_resumes(one_process):
-    workdir, stop, _, resumed = one_process
-    assert 2 <= stop < STEPS and (workdir / "checkpoints" / str(stop)).is_dir()
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
-    assert f"resumed from step {stop}" in resumed  # not from the half-written save
+def test_sigterm_saves_the_step_and_kill_9_mid_save_resumes_the_last_good_one(one_process):
+    workdir, stop, finished, killed, resumed = one_process
+    assert stop == 3 and 3 in finished  # the step in progress when the signal came (no
+    # interval save is due at 3)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the trainer's handler is gone
+    assert killed > finished[-1] >= stop  # the kill came in the middle of a later save
+    assert f"resumed from step {finished[-1]}" in resumed  # not from the half-written one
     _losses(workdir)  # every step logged once
+
+
+def test_sigint_asks_for_the_same_stop():
+    from ctxext_jax.train import Preemption
+
+    before = signal.getsignal(signal.SIGINT)
+    preemption = Preemption()
+    assert not preemption.reached(1)
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: no KeyboardInterrupt, a stop after the step
+    assert preemption.reached(2)
+    preemption.close()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def _process(launcher_pid: int, index: int) -> int:
+    """The pid of launch/local.sh's process `index`."""
+    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
+    for pid in children:
+        if f"--process_id={index}" in Path(f"/proc/{pid}/cmdline").read_text():
+            return int(pid)
+    raise AssertionError(f"no process {index} among {children}")
 
 
 def test_two_processes_equal_one_stop_on_sigterm_and_resume_on_one(tmp_path, one_process):
     """launch/local.sh 2 (x 4 CPU devices, the same 8-device mesh): SIGTERM to the job -> both
     processes save one step and exit 0; one process resumes that checkpoint; the losses equal
     the one-process run's."""
-    workdir = tmp_path / "two"
-    env = dict(os.environ, PYTHONPATH=str(REPO), DEVICES_PER_PROCESS="4",
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # fmt: skip
-    proc = subprocess.Popen(["bash", "launch/local.sh", "2", *_train_args(workdir)], cwd=REPO,
-                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
-    deadline = time.time() + 600
-    while proc.poll() is None and time.time() < deadline:
-        if _logged_step_2(workdir):
-            # Freeze the job while the notice is sent, so it lands well before the last step.
-            os.killpg(proc.pid, signal.SIGSTOP)
-            os.kill(proc.pid, signal.SIGTERM)  # local.sh passes it on to both processes
-            os.killpg(proc.pid, signal.SIGCONT)
-            break
-        time.sleep(0.05)
-    out = proc.communicate(timeout=600)[0]
-    assert proc.returncode == 0, out  # both processes exit 0
+    workdir, log = tmp_path / "two", tmp_path / "two.log"
+    # C++ warnings on: JAX's preemption notifier says when it has seen the SIGTERM.
+    proc = _start(["bash", "launch/local.sh", "2", *_train_args(workdir)], log,
+                  DEVICES_PER_PROCESS="4", TF_CPP_MIN_LOG_LEVEL="1")  # fmt: skip
+    metrics = workdir / "metrics.jsonl"
+    _wait_for(proc, lambda: metrics.exists() and '"step": 2,' in metrics.read_text(), "step 2")
+    # JAX's notifier polls for the signal once a second, while steps take milliseconds: hold
+    # process 1 (and with it, through the collectives, process 0) until process 0 has seen it.
+    second = _process(proc.pid, 1)
+    os.kill(second, signal.SIGSTOP)
+    os.kill(proc.pid, signal.SIGTERM)  # local.sh passes it on to both processes
+    with contextlib.suppress(AssertionError):
+        _wait_for(proc, lambda: "SIGTERM caught" in log.read_text(), "the notice", timeout=10)
+    os.kill(second, signal.SIGCONT)
+    assert proc.wait(timeout=600) == 0, log.read_text()  # both processes exit 0
+    out = log.read_text()
     stop = _stop_step(out)
     assert 2 <= stop < STEPS
     assert out.count("preempted: saving step") == 1  # process 0 speaks for all
