@@ -368,7 +368,33 @@ def _validate_attention(m) -> None:
         )
 
 
+def _check_mesh_fields(mesh) -> None:
+    """mesh.shape sizes are integers; mesh.rules pairs a known logical axis with mesh axes."""
+    for axis, size in mesh.shape.items():
+        if not _is_int(size):
+            fail(
+                f"mesh.shape.{axis}",
+                f"must be an integer (-1: the remaining devices), got {size!r}.",
+            )
+    rules = mesh.rules
+    example = "e.g. [('batch', ['data', 'fsdp']), ('embed', 'fsdp'), ('norm', None)]"
+    if not isinstance(rules, list | tuple) or not all(
+        isinstance(rule, list | tuple) and len(rule) == 2 for rule in rules
+    ):
+        fail("mesh.rules", f"must be a list of (logical axis, mesh axes) pairs, {example}; "
+             f"got {rules!r}.")  # fmt: skip
+    logical_axes = [name for name, _ in sharding.DEFAULT_RULES]
+    for logical, axes in rules:
+        if logical not in logical_axes:
+            fail("mesh.rules", f"unknown logical axis {logical!r}; the model's are {logical_axes}.")
+        names = [] if axes is None else [axes] if isinstance(axes, str) else axes
+        if not isinstance(names, list | tuple) or not all(a in sharding.MESH_AXES for a in names):
+            fail("mesh.rules", f"{logical!r} maps to {axes!r}: give mesh axes of "
+                 f"{sharding.MESH_AXES} (a name, a list of names or None), {example}.")  # fmt: skip
+
+
 def _validate_mesh(config, num_devices: int, process_count: int) -> None:
+    _check_mesh_fields(config.mesh)
     try:
         mesh_config = sharding.MeshConfig.from_config(config.mesh)
         sizes = mesh_config.resolved_shape(num_devices)

@@ -89,17 +89,17 @@ class TaskConfig:
     values: int = 64
 
     def __post_init__(self):
-        for name in ("facts", "value_len", "hops", "keys", "values"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"data.task.{name}={getattr(self, name)} must be >= 1.")
+        for name in ("facts", "value_len", "hops", "keys", "values", "min_length"):
+            value = getattr(self, name)
+            low = 0 if name == "min_length" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"data.task.{name}={value!r} must be an integer >= {low}.")
         if self.filler not in ("text", "random"):
             raise ValueError(f"data.task.filler={self.filler!r}: choose 'text' or 'random'.")
         if self.facts > self.keys:
             raise ValueError(
                 f"data.task.facts={self.facts} needs as many distinct keys; raise data.task.keys."
             )
-        if self.min_length < 0:
-            raise ValueError(f"data.task.min_length={self.min_length} must be >= 0.")
 
     @classmethod
     def from_config(cls, cfg) -> TaskConfig:
