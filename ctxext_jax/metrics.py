@@ -100,8 +100,16 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of `workdir/metrics.jsonl` ([] without one), less a line cut off by a kill."""
+    path, rows = os.path.join(workdir, "metrics.jsonl"), []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    return rows
 
 
 def _clock(seconds: float) -> str:

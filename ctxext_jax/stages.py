@@ -98,11 +98,3 @@ def plan_stages(config: ml_collections.ConfigDict) -> list[Stage]:
             f"train.steps={start}."
         )
     return plan
-
-
-def stage_of(plan: list[Stage], step: int) -> int:
-    """The index of the stage that step `step` (completed) belongs to; 0 for step 0."""
-    for stage in plan:
-        if step <= stage.end:
-            return stage.index
-    return plan[-1].index

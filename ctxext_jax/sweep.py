@@ -419,17 +419,10 @@ def run_points(plan: Plan, indices: Sequence[int], parallel: int) -> dict[int, i
 def point_results(workdir: str) -> dict[str, Any]:
     """Final train / eval metrics, median tokens/s and long-context metrics of one run."""
     from ctxext_jax.evals.report import series_of
+    from ctxext_jax.metrics import read_metrics
 
     out: dict[str, Any] = {}
-    path = os.path.join(workdir, "metrics.jsonl")
-    rows = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a line cut off by a kill
+    rows = read_metrics(workdir)
     train = [r for r in rows if "loss" in r]
     if train:
         out["step"] = train[-1]["step"]
