@@ -126,9 +126,10 @@ def _wait_for(proc, done, what: str, timeout: float = 600) -> None:
         time.sleep(0.01)
 
 
-def _stopped(pid) -> bool:
+def _state(pid) -> str:
+    """R, S, D, T (stopped), Z (exited, not yet waited for), ... from /proc."""
     with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def _kill_mid_save(proc, checkpoints: Path) -> int:
@@ -139,10 +140,11 @@ def _kill_mid_save(proc, checkpoints: Path) -> int:
         saving = [n for n in os.listdir(checkpoints) if ".orbax-checkpoint-tmp" in n]
         if saving:
             os.kill(proc.pid, signal.SIGSTOP)
-            while not _stopped(proc.pid):
+            while (state := _state(proc.pid)) not in "TZX":
                 time.sleep(0.001)
             step = saving[0].split(".")[0]
-            if (checkpoints / saving[0]).exists() and not (checkpoints / step).exists():
+            unfinished = (checkpoints / saving[0]).exists() and not (checkpoints / step).exists()
+            if state == "T" and unfinished:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=60)
                 return int(step)
