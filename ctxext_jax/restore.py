@@ -19,6 +19,7 @@ from etils import epath
 
 from ctxext_jax import checkpoint, data, hf, sharding
 from ctxext_jax.config import defaults, validate
+from ctxext_jax.errors import fail
 from ctxext_jax.model import ModelConfig
 from ctxext_jax.steps import build_model
 
@@ -114,8 +115,12 @@ def resolve(
                     raise
                 no_tokenizer = True
     else:
-        step_dir = checkpoint.resolve_init_from(checkpoint_path)
-        saved, source = checkpoint.read_model_json(step_dir), f"ctxext_jax step {step_dir.name}"
+        try:
+            step_dir = checkpoint.resolve_init_from(checkpoint_path)
+            saved = checkpoint.read_model_json(step_dir)
+        except (FileNotFoundError, ValueError) as e:
+            fail("--checkpoint", str(e))
+        source = f"ctxext_jax step {step_dir.name}"
         location = str(step_dir)
     model_cfg, overrides = effective_model(saved, config.model)
     if model_updates:

@@ -13,6 +13,7 @@ from configs import tiny
 from ctxext_jax.data import builders
 from ctxext_jax.data.config import DataConfig
 from ctxext_jax.data.sources import open_split
+from ctxext_jax.restore import resolve
 from ctxext_jax.train import make_workdir, preflight
 
 
@@ -180,6 +181,12 @@ CASES = [
      lambda t, s: (t / "w").write_text("") or (lambda: make_workdir(str(t / "w"))),
      "--workdir", "/w is a file"),
     ("workdir-url", lambda t, s: lambda: make_workdir("gs://bucket/run"), "--workdir", "gs://"),
+    ("checkpoint-missing",
+     lambda t, s: lambda: resolve(tiny.get_config("test"), str(t / "nothing")),
+     "--checkpoint", "/nothing does not exist"),
+    ("checkpoint-damaged-model-item",
+     lambda t, s: lambda: resolve(tiny.get_config("test"), _damaged_run(t)),
+     "--checkpoint", "run/checkpoints/3/model"),
     ("file-gone-after-indexing",
      lambda t, s: _read_after_removing(_files(t, a_txt="text " * 50)), "data.files", "a.txt"),
 ]  # fmt: skip
