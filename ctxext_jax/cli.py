@@ -15,10 +15,17 @@ import re
 import sys
 from collections.abc import Iterator
 
-# Config fields that hold a Hugging Face rope block: `--config.model.rope='{"rope_type": ...}'`
-# replaces the block, `--config.model.rope.factor=4` sets one key of it.
-ROPE_FIELDS = ("model.rope", "model.local_rope")
-_ROPE_FLAG = re.compile(r"^--config\.(model\.(?:local_)?rope)(?:\.(\w+))?=(.*)$", re.S)
+# Config fields that hold a dict with open keys (a Hugging Face rope block, a mixture's
+# {source: weight}): `--config.model.rope='{"rope_type": ...}'` replaces the whole dict,
+# `--config.model.rope.factor=4` or `--config.data.mixture.kv=0.5` sets one key of it.
+DICT_FIELDS = {
+    "model.rope": '{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}',
+    "model.local_rope": '{"rope_type": "default", "rope_theta": 10000.0}',
+    "data.mixture": '{"text": 0.7, "kv": 0.3}',
+}
+_DICT_FLAG = re.compile(
+    r"^--config\.(" + "|".join(re.escape(f) for f in DICT_FIELDS) + r")(?:\.(\w+))?=(.*)$", re.S
+)
 
 
 def _error(message: str) -> None:
@@ -26,7 +33,7 @@ def _error(message: str) -> None:
     sys.exit(2)
 
 
-def _rope_value(text: str):
+def _dict_value(text: str):
     """A command-line value as JSON ('4' -> 4, 'true' -> True, '{"factor": 4}') or a Python
     literal ("{'factor': 4}", 'True'), else the text itself ('yarn')."""
     try:
@@ -39,41 +46,37 @@ def _rope_value(text: str):
         return text
 
 
-def split_rope_flags(argv: list[str]) -> tuple[list[str], list[tuple[str, str | None, str]]]:
-    """argv without the rope-block overrides, and those as (field, key or None, raw value).
+def split_dict_flags(argv: list[str]) -> tuple[list[str], list[tuple[str, str | None, str]]]:
+    """argv without the overrides of `DICT_FIELDS`, and those as (field, key or None, raw value).
     ml_collections cannot add keys to a dict field from the command line, so these are applied
-    after the config file loads (`apply_rope_flags`)."""
-    rest, ropes = [], []
+    after the config file loads (`apply_dict_flags`)."""
+    rest, found = [], []
     for arg in argv:
-        match = _ROPE_FLAG.match(arg)
+        match = _DICT_FLAG.match(arg)
         if match:
-            ropes.append((match[1], match[2], match[3]))
+            found.append((match[1], match[2], match[3]))
         else:
             rest.append(arg)
-    return rest, ropes
+    return rest, found
 
 
-def apply_rope_flags(config, ropes: list[tuple[str, str | None, str]]) -> None:
-    """Applies `split_rope_flags` overrides in command-line order; a whole block given as JSON
+def apply_dict_flags(config, overrides: list[tuple[str, str | None, str]]) -> None:
+    """Applies `split_dict_flags` overrides in command-line order; a whole dict given as JSON
     must be an object (ConfigError naming the field otherwise)."""
     from ctxext_jax.errors import fail
 
-    for field, key, raw in ropes:
+    for field, key, raw in overrides:
         group, name = field.split(".")
         block = config[group][name]
         block = block.to_dict() if hasattr(block, "to_dict") else dict(block or {})
         if key is None:
-            value = _rope_value(raw)
+            value = _dict_value(raw)
             if not isinstance(value, dict):
-                fail(
-                    field,
-                    f"expected a JSON object of Hugging Face rope keys, got {raw!r}; e.g. "
-                    f'--config.{field}=\'{{"rope_type": "yarn", "factor": 4.0, '
-                    f'"original_max_position_embeddings": 4096}}\'.',
-                )
+                fail(field, f"expected a JSON object, got {raw!r}; e.g. "
+                     f"--config.{field}='{DICT_FIELDS[field]}'.")  # fmt: skip
             block = value
         else:
-            block[key] = _rope_value(raw)
+            block[key] = _dict_value(raw)
         with config.unlocked():
             config[group][name] = block
 
@@ -120,16 +123,16 @@ def parse_flags(argv: list[str]) -> list[str]:
         from absl import app
 
         app.usage(shorthelp="--helpfull" not in asked, writeto_stdout=True, exitcode=0)
-    argv, ropes = split_rope_flags(argv)
+    argv, dict_overrides = split_dict_flags(argv)
     # ml_collections finds the --config.* overrides in sys.argv itself: drop these there too.
-    sys.argv[:] = split_rope_flags(sys.argv)[0]
+    sys.argv[:] = split_dict_flags(sys.argv)[0]
     try:
         remaining = flags.FLAGS(argv)
         config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
         if config is not None:
             # A file that failed to load is a stand-in that raises on first attribute access.
             config.keys  # noqa: B018
-            apply_rope_flags(config, ropes)
+            apply_dict_flags(config, dict_overrides)
         return remaining
     except ConfigError as e:
         if os.environ.get("CTXEXT_TRACEBACK"):

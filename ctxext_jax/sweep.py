@@ -40,6 +40,8 @@ from typing import Any
 
 import ml_collections
 
+from ctxext_jax.cli import DICT_FIELDS
+
 Point = dict[str, Any]
 
 
@@ -178,10 +180,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Point) -> None
     """Sets each dotted key (raising ValueError naming an unknown key or a wrong type)."""
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
-        if ".".join(parents) in ROPE_FIELDS:  # a rope block takes any HF key, as on the CLI
+        if ".".join(parents) in DICT_FIELDS:  # a rope block or mixture takes any key, as on the CLI
             block = _get(config, ".".join(parents))
             block = block.to_dict() if isinstance(block, ml_collections.ConfigDict) else {}
-            config.model[parents[1]] = {**block, leaf: value}
+            config[parents[0]][parents[1]] = {**block, leaf: value}
             continue
         try:
             node = _get(config, ".".join(parents)) if parents else config
@@ -197,17 +199,14 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Point) -> None
             raise ValueError(f"{key}={value!r}: {e}") from None
 
 
-ROPE_FIELDS = ("model.rope", "model.local_rope")
-
-
 def command_value(key: str, value: Any) -> str:
-    """A point's value as a `--config.key=` argument the trainer parses back to it: rope blocks
-    and their fields as JSON (`ctxext_jax.cli`), other fields as Python literals."""
+    """A point's value as a `--config.key=` argument the trainer parses back to it: rope blocks,
+    mixtures and their fields as JSON (`ctxext_jax.cli`), other fields as Python literals."""
     if isinstance(value, ml_collections.ConfigDict):
         value = value.to_dict()
     if isinstance(value, str):
         return value
-    if key in ROPE_FIELDS or key.rpartition(".")[0] in ROPE_FIELDS:
+    if key in DICT_FIELDS or key.rpartition(".")[0] in DICT_FIELDS:
         return json.dumps(value)
     return repr(value)
 

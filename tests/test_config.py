@@ -173,16 +173,16 @@ def test_warnings_for_unused_or_unlikely_settings():
     )
 
 
-def test_rope_blocks_on_the_command_line():
-    from ctxext_jax.cli import apply_rope_flags, split_rope_flags
+def test_rope_blocks_and_mixtures_on_the_command_line():
+    from ctxext_jax.cli import apply_dict_flags, split_dict_flags
 
-    argv, ropes = split_rope_flags(["train", "--config.model.rope.rope_type=yarn",
+    argv, ropes = split_dict_flags(["train", "--config.model.rope.rope_type=yarn",
                                     "--config.model.rope.factor=4",
                                     "--config.model.rope.original_max_position_embeddings=64",
                                     "--config.train.steps=3"])  # fmt: skip
     assert argv == ["train", "--config.train.steps=3"]
     config = tiny.get_config("test")
-    apply_rope_flags(config, ropes)
+    apply_dict_flags(config, ropes)
     assert config.model.rope.to_dict() == {
         "rope_type": "yarn",
         "rope_theta": 10000.0,
@@ -191,14 +191,20 @@ def test_rope_blocks_on_the_command_line():
     }
     validate(config)
     block = '{"rope_type": "linear", "factor": 2.0}'
-    apply_rope_flags(config, split_rope_flags([f"--config.model.rope={block}"])[1])
+    apply_dict_flags(config, split_dict_flags([f"--config.model.rope={block}"])[1])
     assert config.model.rope.to_dict() == {"rope_type": "linear", "factor": 2.0}
-    apply_rope_flags(
-        config, split_rope_flags(["--config.model.local_rope={'rope_type': 'nope'}"])[1]
+    apply_dict_flags(
+        config, split_dict_flags(["--config.model.local_rope={'rope_type': 'nope'}"])[1]
     )
     assert config.model.local_rope.to_dict() == {"rope_type": "nope"}
     with pytest.raises(ConfigError, match="^model.rope: expected a JSON object"):
-        apply_rope_flags(config, split_rope_flags(["--config.model.rope=yarn"])[1])
+        apply_dict_flags(config, split_dict_flags(["--config.model.rope=yarn"])[1])
+    # a mixture's {source: weight} the same way
+    apply_dict_flags(config, split_dict_flags(["--config.data.mixture.text=0.7",
+                                               "--config.data.mixture.kv=0.3"])[1])  # fmt: skip
+    assert config.data.mixture.to_dict() == {"text": 0.7, "kv": 0.3}
+    apply_dict_flags(config, split_dict_flags(['--config.data.mixture={"passkey": 1}'])[1])
+    assert config.data.mixture.to_dict() == {"passkey": 1}
 
 
 @pytest.mark.parametrize(
