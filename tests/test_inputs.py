@@ -227,6 +227,20 @@ def test_undecodable_text_is_counted_and_reported(tmp_path, capsys):
     assert any("\ufffd" in documents[i] for i in range(len(documents)))
 
 
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    """Files that start with U+FEFF, as some editors write them (.jsonl and .txt), pass the
+    preflight and read without it."""
+    bom = "\ufeff"
+    config = _files_config(tmp_path, a_jsonl=bom + GOOD, b_txt=bom + "plain text " * 9)
+    preflight(config)
+    texts = []
+    for split in ("train", "validation"):
+        documents, _ = open_split(DataConfig.from_config(config.data), split)
+        texts += [documents[i] for i in range(len(documents))]
+    assert "plain text " * 9 in texts and "document 0 " * 4 in texts
+    assert not any(bom in text for text in texts)
+
+
 def test_local_builders_announce_no_download(tmp_path, capfd):
     CtxextTestShards(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
     out = capfd.readouterr().out

@@ -21,6 +21,7 @@ from ctxext_jax.data.tasks import TaskVocab
 from ctxext_jax.data.tokenizer import make_tokenizer
 from ctxext_jax.errors import fail
 
+BOM = "\ufeff"  # the byte order mark some editors start a UTF-8 file with: not text
 SCAN_BYTES = 64 << 20  # per .txt / .jsonl file: parse every document in its first 64 MiB
 
 
@@ -75,6 +76,8 @@ def _scan_file(path: str, text_key: str) -> tuple[int, int, str | None]:
                 bad += 1
                 first_bad = first_bad or f"{path} (line at byte {offset})"
                 text = line.decode("utf-8", errors="replace")
+            if offset == 0:
+                text = text.removeprefix(BOM)
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as e:

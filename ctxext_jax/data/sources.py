@@ -93,6 +93,8 @@ class FilesSource:
                 f"data.on_undecodable='refuse': byte {offset + e.start} of {path} is not UTF-8; "
                 "fix the file or set data.on_undecodable='count' to read it with U+FFFD."
             ) from None
+        if offset == 0:
+            text = text.removeprefix("\ufeff")  # a byte order mark is not text
         if not is_jsonl:
             return text
         try:
