@@ -152,13 +152,19 @@ class Preemption:
     trainer finishes the step, saves it on every host and exits 0. With several processes, JAX's
     preemption sync manager (started by `jax.distributed.initialize`) catches SIGTERM itself and
     picks the step every host stops at (`reached_preemption_sync_point`); SIGINT is turned into
-    a SIGTERM to take the same path. One process stops after the step it is in."""
+    a SIGTERM to take the same path. One process stops after the step it is in.
 
-    def __init__(self):
+    start_step: the step the run continues from. The sync manager counts steps from 0 until
+    told otherwise, so a notice that came while a resumed run restored and compiled would pick
+    step 1, which that run never reaches; told the start, it stops after the first step."""
+
+    def __init__(self, start_step: int = 0):
         self.multiprocess = jax.process_count() > 1
         self.requested = False
         signals = [signal.SIGINT] if self.multiprocess else [signal.SIGTERM, signal.SIGINT]
         self.previous = {s: signal.signal(s, self._handle) for s in signals}
+        if self.multiprocess:
+            multihost_utils.reached_preemption_sync_point(start_step)
 
     def _handle(self, signum, frame):
         if self.multiprocess:
@@ -328,7 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # ----------------------------------------------------------------------- stages
     writer = MetricsWriter(workdir)
     writer.drop_after(latest or 0)  # rows a killed run logged past its last checkpoint
-    preemption = Preemption()
+    preemption = Preemption(start_step=latest or 0)
     state, final = None, {}
     try:  # an error below still lets the checkpoint writes in flight finish
         for stage in plan:
