@@ -460,11 +460,12 @@ _CP_NEEDS = {
 
 def _validate_context_parallel(config, mesh_config, sizes) -> None:
     from ctxext_jax.attention import context_parallel as cp
+    from ctxext_jax.attention import sequence_layout
 
     m = config.model
     for key, value, allowed in [
         ("model.context_parallel", m.context_parallel, cp.STRATEGIES),
-        ("model.context_parallel_balance", m.context_parallel_balance, cp.BALANCES),
+        ("model.context_parallel_balance", m.context_parallel_balance, sequence_layout.BALANCES),
     ]:
         if value not in allowed:
             fail(key, f"unknown value {value!r}; choose one of {list(allowed)}.")
@@ -490,7 +491,9 @@ def _validate_context_parallel(config, mesh_config, sizes) -> None:
             "mesh.shape.sequence=1.",
         )
     try:  # evaluation pads its windows to whole chunks itself
-        cp.check_length(config.data.seq_len, n, m.context_parallel_balance, key="length")
+        sequence_layout.check_length(
+            config.data.seq_len, n, m.context_parallel_balance, key="length"
+        )
     except ValueError as e:
         fail("data.seq_len", str(e))
 

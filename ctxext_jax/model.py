@@ -24,6 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ctxext_jax import sharding
 from ctxext_jax.attention import context_parallel as cp
+from ctxext_jax.attention import sequence_layout
 from ctxext_jax.attention.kernels import attention
 from ctxext_jax.attention.masks import Mask
 from ctxext_jax.loss import token_losses
@@ -236,7 +237,9 @@ class Attention(nnx.Module):
             kv_positions=positions,
         )
         slopes = alibi_slopes(cfg.n_heads) if cfg.alibi else None
-        if cp.shard_count() > 1:  # rows sharded over `sequence`: see context_parallel.py
+        if (
+            sequence_layout.shard_count() > 1
+        ):  # rows sharded over `sequence`: see context_parallel.py
             mesh, rules = sharding.active_mesh()
             local = cfg.attention_impl if cfg.attention_impl in cp.LOCAL_KERNELS else "auto"
             out = cp.context_parallel_attention(
@@ -344,15 +347,16 @@ class Decoder(nnx.Module):
             segment_ids = jnp.ones((B, T), jnp.int32)
         # Sequence-sharded with zigzag balancing: rows move to the device layout once here and
         # back before the head, so callers see natural order (positions travel with the rows).
-        zigzag = cp.shard_count() > 1 and self.cfg.context_parallel_balance == "zigzag"
+        zigzag = sequence_layout.shard_count() > 1 and self.cfg.context_parallel_balance == "zigzag"
         if zigzag:
             tokens, positions, segment_ids = (
-                cp.to_layout(a, ("batch", "length")) for a in (tokens, positions, segment_ids)
+                sequence_layout.to_layout(a, ("batch", "length"))
+                for a in (tokens, positions, segment_ids)
             )
         x = self._embed(tokens)
         x = self._run_layers(x, positions, segment_ids)
         if zigzag:
-            x = cp.from_layout(x, ("batch", "length", "activation_embed"))
+            x = sequence_layout.from_layout(x, ("batch", "length", "activation_embed"))
         x = self.final_norm(x)
         if targets is not None:
             head = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]

@@ -11,7 +11,7 @@ import pytest
 
 from configs import tiny
 from ctxext_jax import sharding
-from ctxext_jax.attention import Mask, attention
+from ctxext_jax.attention import Mask, attention, sequence_layout
 from ctxext_jax.attention import context_parallel as cp
 from ctxext_jax.config import ConfigError, validate
 from ctxext_jax.evals.scoring import make_scorer
@@ -155,7 +155,7 @@ def test_kernel_equals_dense_reference_for_bidirectional_patterns():
         return Mask(causal=False, window=7, sinks=2, q_segment_ids=seg, kv_segment_ids=seg,
                     q_positions=pos, kv_positions=pos)  # fmt: skip
 
-    perm = cp.layout_permutation(balance, n, T)
+    perm = sequence_layout.layout_permutation(balance, n, T)
 
     def sharded(q, k, v):
         out = cp.context_parallel_attention(
@@ -261,9 +261,9 @@ def test_layout_permutation_round_trips_on_the_mesh():
     mesh, rules = _mesh(_config("rope-GLC", mesh={"sequence": 4}))
     x = jnp.arange(2 * T).reshape(2, T)
     with sharding.use_mesh(mesh, rules):
-        there = jax.jit(lambda x: cp.to_layout(x, ("batch", "length")))(x)
-        back = jax.jit(lambda x: cp.from_layout(x, ("batch", "length")))(there)
-    np.testing.assert_array_equal(there, x[:, cp.layout_permutation("zigzag", 4, T)])
+        there = jax.jit(lambda x: sequence_layout.to_layout(x, ("batch", "length")))(x)
+        back = jax.jit(lambda x: sequence_layout.from_layout(x, ("batch", "length")))(there)
+    np.testing.assert_array_equal(there, x[:, sequence_layout.layout_permutation("zigzag", 4, T)])
     np.testing.assert_array_equal(back, x)
 
 
@@ -290,7 +290,7 @@ def test_all_gather_runs_splash_per_device_and_refuses_the_ring():
             window=70, q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos, kv_positions=pos
         )
 
-    perm = cp.layout_permutation("zigzag", n, T)
+    perm = sequence_layout.layout_permutation("zigzag", n, T)
     kw = dict(mesh=mesh, rules=sharding.DEFAULT_RULES, softcap=4.0)
 
     def sharded(q, k, v):
