@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -213,16 +214,14 @@ def _process(launcher_pid: int, index: int) -> int:
     raise AssertionError(f"no process {index} among {children}")
 
 
-def test_two_processes_equal_one_stop_on_sigterm_and_resume_on_one(tmp_path, one_process):
-    """launch/local.sh 2 (x 4 CPU devices, the same 8-device mesh): SIGTERM to the job -> both
-    processes save one step and exit 0; one process resumes that checkpoint; the losses equal
-    the one-process run's."""
-    workdir, log = tmp_path / "two", tmp_path / "two.log"
+def _two_processes_preempted(workdir: Path, log: Path, ready: Callable[[str], bool]) -> int:
+    """Runs launch/local.sh 2 (x 4 CPU devices: the same 8-device mesh) on `workdir`, sends the
+    job SIGTERM once `ready(its output so far)`, checks that both processes saved one step and
+    exited 0 and returns that step."""
     # C++ warnings on: JAX's preemption notifier says when it has seen the SIGTERM.
     proc = _start(["bash", "launch/local.sh", "2", *_train_args(workdir)], log,
                   DEVICES_PER_PROCESS="4", TF_CPP_MIN_LOG_LEVEL="1")  # fmt: skip
-    metrics = workdir / "metrics.jsonl"
-    _wait_for(proc, lambda: metrics.exists() and '"step": 2,' in metrics.read_text(), "step 2")
+    _wait_for(proc, lambda: ready(log.read_text()), "the moment to signal")
     # JAX's notifier polls for the signal once a second, while steps take milliseconds: hold
     # process 1 (and with it, through the collectives, process 0) until process 0 has seen it.
     second = _process(proc.pid, 1)
@@ -233,14 +232,33 @@ def test_two_processes_equal_one_stop_on_sigterm_and_resume_on_one(tmp_path, one
     os.kill(second, signal.SIGCONT)
     assert proc.wait(timeout=600) == 0, log.read_text()  # both processes exit 0
     out = log.read_text()
+    assert out.count("preempted: saving step") == 1, out  # process 0 speaks for all
     stop = _stop_step(out)
-    assert 2 <= stop < STEPS
-    assert out.count("preempted: saving step") == 1  # process 0 speaks for all
     saved = sorted(p.name for p in (workdir / "checkpoints" / str(stop) / "data").glob("str*"))
     assert saved == [f"stream_{s}-of-8.json" for s in range(8)]  # written by both hosts
+    return stop
+
+
+def test_two_processes_equal_one_stop_on_sigterm_and_resume_on_one(tmp_path, one_process):
+    """Two processes: SIGTERM to the job -> both save one step and exit 0; the same command
+    resumes, and a SIGTERM while it starts (restoring, compiling) stops it after its first step;
+    one process resumes that checkpoint; the losses equal the one-process run's."""
+    workdir = tmp_path / "two"
+    metrics = workdir / "metrics.jsonl"
+    stop = _two_processes_preempted(
+        workdir,
+        tmp_path / "two.log",
+        lambda _: metrics.exists() and '"step": 2,' in metrics.read_text(),
+    )
+    assert 2 <= stop < STEPS - 1
+    resumed = f"resumed from step {stop}"
+    assert (
+        _two_processes_preempted(workdir, tmp_path / "again.log", lambda out: resumed in out)
+        == stop + 1
+    )
 
     # One process (this one: 8 devices) continues that checkpoint, resharded onto its devices.
-    with contextlib.redirect_stdout(io.StringIO()) as resumed:
+    with contextlib.redirect_stdout(io.StringIO()) as out:
         train_and_evaluate(_config(), str(workdir))
-    assert f"resumed from step {stop}" in resumed.getvalue()
+    assert f"resumed from step {stop + 1}" in out.getvalue()
     np.testing.assert_allclose(_losses(workdir), _losses(one_process[0]), rtol=2e-5)
