@@ -125,6 +125,10 @@ def test_mixture_stream_and_per_source_masks(tmp_path):
         np.testing.assert_array_equal(a["inputs"], b["inputs"])
     with pytest.raises(ValueError, match="unknown source 'bogus'"):
         DataConfig.from_config({"mixture": {"bogus": 1.0}})
+    with pytest.raises(ValueError, match="raise data.task.values"):  # copy: 2 x facts values
+        tasks.make_instance("copy", tasks.TaskConfig(facts=40), VOCAB, RNG, length=200,
+                            depth=0.0, side=0, haystack=None, bos=TOK.bos_id,
+                            vocab_size=TOK.vocab_size)  # fmt: skip
 
 
 def test_pose_positions_skip_within_the_target():

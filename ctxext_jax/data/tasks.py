@@ -11,6 +11,9 @@ markers), which the filler never contains, so an answer can only come from a fac
             for every key in a random order (multi-query associative recall, MQAR)
   vartrack  c chains `x1 v`, `x2 x1`, `x3 x2`, ... (hops facts each, at spread depths in order);
             asked `ASK x_last` -> v for every chain (variable tracking)
+  copy      a run `s1..sm` of m = 2n distinct value symbols at depth d; asked `ASK s1` -> s2..sm
+            (copying: every answer token is an induction step, m - 1 of them per instance, so
+            it trains the copy circuit that retrieval needs with dense supervision)
 
 The number of facts is fixed and the filler grows with the length: at the base length the
 task is already long-range (the facts sit up to ~L tokens back), and longer contexts only
@@ -32,7 +35,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-TASKS = ("passkey", "multikey", "kv", "vartrack")
+TASKS = ("passkey", "multikey", "kv", "vartrack", "copy")
 _TRAIN, _EVAL = 0, 1
 _MARKERS = ("ASK", "PASS")
 
@@ -70,7 +73,7 @@ class TaskVocab:
 class TaskConfig:
     """The knobs of every task (`data.task` in the run config).
 
-    facts: pairs (kv), needles (multikey) or chains (vartrack).
+    facts: pairs (kv), needles (multikey) or chains (vartrack); copy runs 2 x facts symbols.
     value_len: value tokens of a passkey / multikey needle.
     hops: facts per vartrack chain.
     filler: "text" (corpus tokens with the task symbols removed) or "random" (uniform
@@ -216,6 +219,12 @@ def _parts(task: str, cfg: TaskConfig, vocab: TaskVocab, rng, side: int):
         asked = rng.permutation(chains)
         questions = [np.asarray([vocab.ask, names[c, -1]], np.int32) for c in asked]
         return facts, offsets, questions, [np.asarray([values[c]], np.int32) for c in asked]
+    if task == "copy":
+        if 2 * cfg.facts > len(vocab.values):
+            raise ValueError(f"data.task: copy runs 2 x facts = {2 * cfg.facts} distinct values; "
+                             f"raise data.task.values above {len(vocab.values)}.")  # fmt: skip
+        run = rng.choice(vocab.values, size=2 * cfg.facts, replace=False).astype(np.int32)
+        return [run], [0.0], [np.asarray([vocab.ask, run[0]], np.int32)], [run[1:]]
     raise ValueError(f"data.task: unknown task {task!r}; choose from {TASKS}.")
 
 
@@ -229,6 +238,8 @@ def min_length(task: str, cfg: TaskConfig) -> int:
         return 1 + 2 * cfg.facts + 1 + 2 * cfg.facts
     if task == "vartrack":
         return 1 + 2 * cfg.facts * cfg.hops + 3 * cfg.facts
+    if task == "copy":
+        return 1 + 2 * cfg.facts + 2 + 2 * cfg.facts - 1
     raise ValueError(f"data.task: unknown task {task!r}; choose from {TASKS}.")
 
 
