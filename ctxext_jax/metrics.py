@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -40,8 +41,10 @@ def measured_matmul_flops(n: int = 1024, repeats: int = 10) -> float:
     return 2 * n**3 / best
 
 
+@functools.cache
 def peak_flops_per_device() -> tuple[float, str]:
-    """(FLOP/s, where the figure comes from) for the local device kind."""
+    """(FLOP/s, where the figure comes from) for the local device kind; measured (on CPU) once
+    per process, not once per run or stage."""
     kind = jax.devices()[0].device_kind
     for name, flops in PEAK_FLOPS.items():
         if kind.startswith(name):

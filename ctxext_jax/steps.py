@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -49,11 +50,17 @@ def build_model(model_cfg, mesh, rules, *, seed: int):
         shardings,
     )
 
-    def init():
-        return nnx.to_pure_dict(nnx.state(Decoder(model_cfg, rngs=nnx.Rngs(seed))))
+    def init(key_data):
+        key = jax.random.wrap_key_data(key_data)
+        return nnx.to_pure_dict(nnx.state(Decoder(model_cfg, rngs=nnx.Rngs(key))))
 
+    # The seed is an argument, not a constant of the program: runs that differ only in their
+    # seed compile the same init, which the persistent compilation cache then reuses (a host
+    # numpy array, so every process of a multi-host job passes the same replicated value).
+    key_data = np.asarray(jax.random.key_data(jax.random.key(seed)))
+    init = jax.jit(init, out_shardings=shardings)
     apply = sharding.under_mesh(make_apply(graphdef, abstract_state), mesh, rules)
-    return apply, abstract_params, jax.jit(init, out_shardings=shardings)
+    return apply, abstract_params, functools.partial(init, key_data)
 
 
 def token_scores(apply: Callable, params, inputs, targets, **kwargs):

@@ -29,6 +29,7 @@ zero-shot RoPE scaling, a window with sinks).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -186,6 +187,16 @@ def eval_fingerprint(config, name: str, step: int) -> dict:
     }
 
 
+@functools.lru_cache(maxsize=2)
+def _eval_text(data_cfg: data.DataConfig, max_tokens: int) -> np.ndarray:
+    """The held-out token stream every arm is scored on, read once per process (reading the
+    split is a second or more per arm; the array is never modified)."""
+    tokenizer = data.make_tokenizer(data_cfg.tokenizer)
+    text = token_stream(data.eval_documents(data_cfg), tokenizer, max_tokens=max_tokens)
+    text.flags.writeable = False
+    return text
+
+
 def evaluate_arm(config, name: str, seed: int, run_dir: str) -> dict:
     """-> {"ppl": {L: v}, "ppl_repeat": {L: v}, "retrieval": {L: acc},
     "retrieval_depth": {L: [acc per depth]}} of the arm's final weights."""
@@ -204,8 +215,7 @@ def evaluate_arm(config, name: str, seed: int, run_dir: str) -> dict:
     scorer = make_scorer(apply, params, batch_sharding=batch_sharding, pad_id=tokenizer.pad_id)
     L = int(base.data.seq_len)
     lengths = [int(f * L) for f in s.factors]
-    text = token_stream(data.eval_documents(data_cfg), tokenizer,
-                        max_tokens=max(s.ppl_tokens, 4 * max(lengths)) + 1)  # fmt: skip
+    text = _eval_text(data_cfg, max(s.ppl_tokens, 4 * max(lengths)) + 1)
     period = s.repeat_period or (3 * L) // 2
     repeated = repeat_stream(text, period=period, max_tokens=s.ppl_tokens)
     text = text[: s.ppl_tokens + 1]
@@ -290,6 +300,20 @@ def run_study(config, workdir: str) -> dict:
 
 
 # --------------------------------------------------------------------------- main
+def use_compilation_cache(workdir: str) -> str:
+    """Keeps compiled programs in WORKDIR/jax_cache (or JAX_COMPILATION_CACHE_DIR when set):
+    the second seed, the evaluation of every seed and a resumed study load the steps and
+    scorers the first seed compiled instead of compiling them again (the programs take the
+    seed and the weights as arguments, so they are the same). -> the directory used."""
+    directory = jax.config.jax_compilation_cache_dir
+    if not directory:
+        directory = os.path.join(os.path.abspath(workdir), "jax_cache")
+        jax.config.update("jax_compilation_cache_dir", directory)
+        # Scorers compile in well under JAX's default 1 s threshold on a fast host.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return directory
+
+
 def main(argv):
     del argv
     f = flags.FLAGS
@@ -299,6 +323,7 @@ def main(argv):
         if f.config is None or not f.workdir:
             raise ValueError("--config and --workdir are required.")
         clock = time.perf_counter()
+        use_compilation_cache(f.workdir)
         run_study(f.config, f.workdir)
         print(f"wrote results.json, report.md and plots to {f.workdir} "
               f"({time.perf_counter() - clock:.0f} s)", flush=True)  # fmt: skip
