@@ -5,7 +5,8 @@ train step alone, the step fed by the pipeline, and the whole trainer (`train_an
     python benchmarks/trainer.py --config configs/study.py:default --batch 32
     python benchmarks/trainer.py --config configs/tiny.py --steps 20
 
-A study config (`configs/study.py:<variant>`) is read through its `base` run config. The parts
+A study config (`configs/study.py:<variant>`) is read through its `base` run config (its
+mixture, without a curriculum's stages). The parts
 run in interleaved rounds (`--rounds`), so a shared machine's load falls on each alike; a row
 gives the median over rounds of wall ms/step, of this process's CPU ms/step (all its threads:
 XLA's and Grain's) and the tokens/s of the wall time. The trainer row is one fresh run of
@@ -38,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--config", default="configs/study.py:short",
                    help="configs/x.py[:variant]; a study config's `base` run")  # fmt: skip
     p.add_argument("--batch", type=int, default=None, help="train.batch_size (default: config)")
+    p.add_argument("--seq_len", type=int, default=None, help="data.seq_len (default: config)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per part and round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the parts")
     p.add_argument("--no_trainer", action="store_true", help="skip the train_and_evaluate row")
@@ -50,7 +52,10 @@ def load_run_config(spec: str):
         raise SystemExit(f"--config: no file {path!r}; give configs/<name>.py[:variant].")
     get_config = runpy.run_path(path)["get_config"]
     config = get_config(arg) if arg else get_config()
-    return config.base if "base" in config else config
+    config = config.base if "base" in config else config
+    # One shape and one mixture (the run config's own): a curriculum's stages are not timed.
+    config.train.stages = ()
+    return config
 
 
 def timed(fn, steps: int) -> tuple[float, float]:
@@ -78,6 +83,8 @@ def main(argv=None):
     config = load_run_config(args.config)
     if args.batch:
         config.train.batch_size = args.batch
+    if args.seq_len:
+        config.data.seq_len = config.model.max_position_embeddings = args.seq_len
     t, seq_len, n = config.train, config.data.seq_len, args.steps
     tokens = t.batch_size * seq_len
 
