@@ -30,6 +30,7 @@ setuptools.setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",
             "ruff>=0.6",
             # The parity references. torch==2.13.0 is the CPU build; a looser pin pulls CUDA.
             "torch==2.13.0",
