@@ -28,13 +28,11 @@ length and over its last `--tail` tokens (where the difference shows), and the c
 from __future__ import annotations
 
 import argparse
-import os
-import runpy
 import time
 
 import numpy as np
 
-from ctxext_jax import data, decode, restore
+from ctxext_jax import data, decode, restore, sweep
 from ctxext_jax.cli import exit_on_user_error
 from ctxext_jax.evals.perplexity import token_stream, window_plan
 from ctxext_jax.evals.scoring import make_scorer
@@ -52,15 +50,6 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=1,
                    help="tokens per update of window / streaming (1: exact)")  # fmt: skip
     return p.parse_args(argv)
-
-
-def load_config(spec: str):
-    """configs/x.py[:arg] -> its get_config(arg)."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--config: no file {path!r}; give configs/<name>.py[:variant].")
-    get_config = runpy.run_path(path)["get_config"]
-    return get_config(arg) if arg else get_config()
 
 
 def perplexities(losses: np.ndarray, tail: int) -> tuple[float, float]:
@@ -85,7 +74,7 @@ def recompute_losses(scorer, ids: np.ndarray, length: int) -> np.ndarray:
 def main(argv=None):
     args = parse_args(argv)
     with exit_on_user_error():
-        resolved = restore.resolve(load_config(args.config), args.checkpoint)
+        resolved = restore.resolve(sweep.load_config(args.config), args.checkpoint)
         trained = resolved.trained_length
         lengths = (
             [int(n) for n in args.lengths.split(",")]

@@ -18,8 +18,6 @@ rows of one table, never figures of two runs.
 from __future__ import annotations
 
 import argparse
-import os
-import runpy
 import shutil
 import statistics
 import tempfile
@@ -27,7 +25,8 @@ import time
 
 import jax
 
-from ctxext_jax import data, sharding
+from ctxext_jax import data, sharding, sweep
+from ctxext_jax.cli import exit_on_user_error
 from ctxext_jax.data.pose import PoseConfig
 from ctxext_jax.model import ModelConfig
 from ctxext_jax.optim import OptimConfig
@@ -47,11 +46,8 @@ def parse_args(argv=None):
 
 
 def load_run_config(spec: str):
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise SystemExit(f"--config: no file {path!r}; give configs/<name>.py[:variant].")
-    get_config = runpy.run_path(path)["get_config"]
-    config = get_config(arg) if arg else get_config()
+    with exit_on_user_error():
+        config = sweep.load_config(spec)
     config = config.base if "base" in config else config
     # One shape and one mixture (the run config's own): a curriculum's stages are not timed.
     config.train.stages = ()

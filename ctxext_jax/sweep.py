@@ -145,6 +145,12 @@ def load_config_module(spec: str):
     return module, (arg if ".py:" in spec else None)
 
 
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """configs/x.py[:arg] -> its get_config(arg)."""
+    module, arg = load_config_module(spec)
+    return _call(module.get_config, arg)
+
+
 def _call(fn, arg):
     return fn() if arg is None else fn(arg)
 
