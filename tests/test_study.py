@@ -1,8 +1,9 @@
 """The reproduction study end to end on its `quick` variant (machinery, not thresholds), and
 exact resume of a staged schedule inside a stage and at a stage boundary.
 
-The training runs go to subprocesses on one CPU device that share a persistent compilation
-cache: the resumed runs reuse the first run's compiled steps, which is most of their cost.
+The training runs go to subprocesses on one CPU device; they inherit the test run's persistent
+compilation cache (tests/conftest.py), so the resumed runs reuse the first run's compiled steps,
+which is most of their cost.
 """
 
 import json
@@ -23,14 +24,11 @@ from ctxext_jax.metrics import read_metrics
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(args: list[str], cache: str) -> None:
+def _run(args: list[str]) -> None:
     env = {
         **os.environ,
         "PYTHONPATH": ROOT,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-        "JAX_COMPILATION_CACHE_DIR": cache,
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
     }
     done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
@@ -41,9 +39,8 @@ def _run(args: list[str], cache: str) -> None:
 def quick_study(tmp_path_factory):
     """`python -m ctxext_jax.study --config configs/study.py:quick` once: (config, workdir)."""
     workdir = tmp_path_factory.mktemp("study")
-    cache = str(tmp_path_factory.mktemp("jax_cache"))
     _run(["-m", "ctxext_jax.study", "--config", "configs/study.py:quick",
-          "--workdir", str(workdir)], cache)  # fmt: skip
+          "--workdir", str(workdir)])  # fmt: skip
     return study_config.get_config("quick"), workdir
 
 
@@ -136,7 +133,7 @@ def test_stages_resume_exactly_inside_and_at_the_boundary(tmp_path):
     assert plan[1].config.model.max_position_embeddings == 32
     assert plan[1].config.data.seed == plan[0].config.data.seed + 1
     _run(["-c", "import sys; sys.path.insert(0, 'tests'); import test_study; "
-          f"test_study.staged_runs({str(tmp_path)!r})"], str(tmp_path / "jax_cache"))  # fmt: skip
+          f"test_study.staged_runs({str(tmp_path)!r})"])  # fmt: skip
     losses = {m["step"]: m["loss"] for m in read_metrics(str(tmp_path / "straight")) if "loss" in m}
     assert sorted(losses) == list(range(1, 7))
     for keep_until in RESUME_FROM:
