@@ -147,3 +147,14 @@ def test_pose_positions_skip_within_the_target():
     assert max(spans) > 200  # the skips reach far beyond the 30-token pieces
     with pytest.raises(ValueError, match="target_length"):
         PoseConfig(target_length=16).check(64)
+
+
+@pytest.mark.parametrize("facts", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_rows_of_the_shortest_length_hold_instances_without_filler(facts):
+    """seq_len = shortest - 1 (a filler-free curriculum stage): every instance is the shortest
+    one, even where exp(log(n)) rounds to just under n (it did for n = 18)."""
+    cfg = tasks.TaskConfig(facts=facts, keys=64, values=64, filler="random")
+    shortest = tasks.min_length("kv", cfg)
+    source = tasks.TaskSource("kv", cfg, TOK, seq_len=shortest - 1, seed=0, haystack=None)
+    for index in range(50):
+        assert len(source(index)["inputs"]) == shortest - 1

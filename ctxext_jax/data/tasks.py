@@ -287,7 +287,8 @@ class TaskSource:
         # Log-uniform lengths: many short instances (dense answers, quick to learn from) and
         # some as long as the row (the longest distances). inputs <= seq_len.
         low, high = np.log(self.shortest), np.log(self.seq_len + 1)
-        length = min(int(np.exp(rng.uniform(low, high))), self.seq_len + 1)
+        # exp(log(n)) can round to just under n: clamp to the shortest instance.
+        length = min(max(int(np.exp(rng.uniform(low, high))), self.shortest), self.seq_len + 1)
         instance = make_instance(
             self.task, self.cfg, self.vocab, rng, length=length, depth=float(rng.uniform()),
             side=self.side, haystack=self.haystack, bos=self.bos, vocab_size=self.vocab_size,
