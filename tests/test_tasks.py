@@ -40,13 +40,15 @@ def test_instances_are_exact_and_answerable(task):
         tokens = instance.tokens
         assert len(tokens) == length and tokens[0] == TOK.bos_id
         reserved = np.isin(tokens, VOCAB.reserved)
-        # Only facts, markers and answers are task symbols; the filler never is.
-        n_symbols = tasks.min_length(task, CFG) - 1
+        # Only facts, markers and answers are task symbols; the filler never is (textcopy:
+        # its run and answers are ordinary tokens, only the ASK marker is a symbol).
+        n_symbols = 1 if task == "textcopy" else tasks.min_length(task, CFG) - 1
         assert reserved.sum() == n_symbols
+        answer_tokens = VOCAB.values if task != "textcopy" else np.arange(3, 100)
         mask = instance.target_mask()
         assert mask.sum() == sum(e - s for s, e in instance.answer_spans)
         for i, (s, e) in enumerate(instance.answer_spans):
-            assert e <= length and np.isin(tokens[s:e], VOCAB.values).all()
+            assert e <= length and np.isin(tokens[s:e], answer_tokens).all()
             if e - s == 1:
                 assert int(tokens[s]) == _oracle_answer(tokens, instance.answer_spans, i)
             else:  # multi-token values: the same run of values precedes the question

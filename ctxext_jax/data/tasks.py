@@ -14,6 +14,9 @@ markers), which the filler never contains, so an answer can only come from a fac
   copy      a run `s1..sm` of m = 2n distinct value symbols at depth d; asked `ASK s1` -> s2..sm
             (copying: every answer token is an induction step, m - 1 of them per instance, so
             it trains the copy circuit that retrieval needs with dense supervision)
+  textcopy  as copy, with a run of m ordinary tokens from the filler's source (corpus text, or
+            random non-symbol tokens) instead of value symbols: copying text, the induction
+            that a repeated passage needs to be predicted from its first occurrence
 
 The number of facts is fixed and the filler grows with the length: at the base length the
 task is already long-range (the facts sit up to ~L tokens back), and longer contexts only
@@ -35,7 +38,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-TASKS = ("passkey", "multikey", "kv", "vartrack", "copy")
+TASKS = ("passkey", "multikey", "kv", "vartrack", "copy", "textcopy")
 _TRAIN, _EVAL = 0, 1
 _MARKERS = ("ASK", "PASS")
 
@@ -184,8 +187,10 @@ def _layout(facts: list[np.ndarray], depths: list[float], question: list[np.ndar
     return tokens, tuple(spans)
 
 
-def _parts(task: str, cfg: TaskConfig, vocab: TaskVocab, rng, side: int):
-    """(facts, relative depth offsets, questions, answers) of one instance, before filler."""
+def _parts(task: str, cfg: TaskConfig, vocab: TaskVocab, rng, side: int,
+           text: Callable[[int], np.ndarray]):  # fmt: skip
+    """(facts, relative depth offsets, questions, answers) of one instance, before filler;
+    `text(n)` draws n ordinary tokens from the filler's source."""
     ask = np.asarray([vocab.ask], np.int32)
     if task == "passkey":
         value = _values(rng, vocab, 1, cfg.value_len, side)[0]
@@ -219,11 +224,14 @@ def _parts(task: str, cfg: TaskConfig, vocab: TaskVocab, rng, side: int):
         asked = rng.permutation(chains)
         questions = [np.asarray([vocab.ask, names[c, -1]], np.int32) for c in asked]
         return facts, offsets, questions, [np.asarray([values[c]], np.int32) for c in asked]
-    if task == "copy":
-        if 2 * cfg.facts > len(vocab.values):
+    if task in ("copy", "textcopy"):
+        if task == "textcopy":
+            run = np.asarray(text(2 * cfg.facts), np.int32)
+        elif 2 * cfg.facts > len(vocab.values):
             raise ValueError(f"data.task: copy runs 2 x facts = {2 * cfg.facts} distinct values; "
                              f"raise data.task.values above {len(vocab.values)}.")  # fmt: skip
-        run = rng.choice(vocab.values, size=2 * cfg.facts, replace=False).astype(np.int32)
+        else:
+            run = rng.choice(vocab.values, size=2 * cfg.facts, replace=False).astype(np.int32)
         return [run], [0.0], [np.asarray([vocab.ask, run[0]], np.int32)], [run[1:]]
     raise ValueError(f"data.task: unknown task {task!r}; choose from {TASKS}.")
 
@@ -238,7 +246,7 @@ def min_length(task: str, cfg: TaskConfig) -> int:
         return 1 + 2 * cfg.facts + 1 + 2 * cfg.facts
     if task == "vartrack":
         return 1 + 2 * cfg.facts * cfg.hops + 3 * cfg.facts
-    if task == "copy":
+    if task in ("copy", "textcopy"):
         return 1 + 2 * cfg.facts + 2 + 2 * cfg.facts - 1
     raise ValueError(f"data.task: unknown task {task!r}; choose from {TASKS}.")
 
@@ -254,10 +262,14 @@ def make_instance(task: str, cfg: TaskConfig, vocab: TaskVocab, rng: np.random.G
             f"task {task!r} needs at least {need} tokens (its facts and questions); got "
             f"length {length}. Use longer lengths or fewer data.task.facts."
         )
-    facts, offsets, questions, answers = _parts(task, cfg, vocab, rng, side)
+
+    def text(n: int) -> np.ndarray:
+        return _filler(rng, haystack, vocab, n, cfg.filler, vocab_size)
+
+    facts, offsets, questions, answers = _parts(task, cfg, vocab, rng, side, text)
     spread = max(offsets)
     depths = [depth * (1.0 - spread) + o for o in offsets]
-    filler = _filler(rng, haystack, vocab, length - need, cfg.filler, vocab_size)
+    filler = text(length - need)
     tokens, spans = _layout(facts, depths, questions, answers, filler, bos, length)
     return Instance(tokens, spans, float(depth))
 
