@@ -35,13 +35,14 @@ GPU_ARMS = ("base", "pi_zeroshot", "ntk_zeroshot", "dynamic_ntk_zeroshot", "yarn
 
 
 def _base(L: int, *, d: int, layers: int, heads: int, mlp: int, steps: int, batch: int,
-          lr: float, dtype: str = "float32", weight_decay: float = 0.1, stages=()):  # fmt: skip
+          lr: float, dtype: str = "float32", weight_decay: float = 0.1, stages=(),
+          mixture=None):  # fmt: skip
     c = defaults()
     c.model.update(
         vocab_size=320, d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=heads,
         head_dim=d // heads, mlp_dim=mlp, max_position_embeddings=L, dtype=dtype,
     )  # fmt: skip
-    c.data.update(seq_len=L, mixture={"text": 0.3, "kv": 0.7})
+    c.data.update(seq_len=L, mixture=mixture or {"text": 0.3, "kv": 0.7})
     steps = sum(stage["steps"] for stage in stages) if stages else steps
     c.train.update(
         stages=tuple(stages), steps=steps, batch_size=batch, log_every=max(1, steps // 20)
@@ -178,9 +179,8 @@ def get_config(arg: str = "default"):
         stages = _curriculum(L, task, retrieval_steps=1800, filler_steps=1800,
                              mixed_steps=600, mixture=mixture)  # fmt: skip
         c.base = _base(L, d=256, layers=2, heads=8, mlp=512, steps=0, batch=32, lr=5e-4,
-                       stages=stages)  # fmt: skip
+                       stages=stages, mixture=mixture)  # fmt: skip
         c.base.data.task.update(task)
-        c.base.data.mixture = mixture
         c.base.model.scan_layers = False  # two layers: the unrolled step is faster on CPU
         # Fine-tunes: 200 steps of 8 x 256 tokens, 4.7% of the base run's 8.7M tokens.
         arms = _arms(L, F=4, finetune_steps=200, finetune_batch=8, finetune_lr=5e-4)  # fmt: skip
