@@ -187,8 +187,8 @@ def get_config(arg: str = "default"):
         c.base.data.task.update(task)
         c.base.model.scan_layers = False  # two layers: the unrolled step is faster on CPU
         # Fine-tunes: 200 steps of 8 x 256 tokens, 8.3% of the base run's 4.95M tokens.
-        # At L = 64 the fastest RoPE dimension turns 10 times: YaRN's beta_fast 32 would
-        # interpolate every dimension; 4 leaves the two fastest as trained.
+        # At L = 64 the fastest RoPE pair turns only 10 times: with YaRN's beta_fast 32 the
+        # ramp starts there and interpolates all but it; 4 leaves the two fastest as trained.
         arms = _arms(L, F=4, theta=theta, finetune_steps=200, finetune_batch=8,
                      finetune_lr=5e-4, beta_fast=4.0)  # fmt: skip
         c.study = dict(seeds=(0, 1) if arg == "default" else (0,), factors=(1, 2, 4, 8),
