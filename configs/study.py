@@ -28,6 +28,9 @@ ARMS = (
     "dynamic_yarn_zeroshot", "pi_finetune", "yarn_finetune", "no_scaling_finetune", "pose",
     "staged", "alibi", "window_sinks",
 )  # fmt: skip
+# RoPE θ of every base run: with QK-norm, a smaller θ (200-3,000) keeps the base on the
+# induction plateau (README, Does it work?).
+THETA = 10000.0
 # quick: one arm of each kind (the base run, a zero-shot evaluation, a fine-tune from the base).
 QUICK_ARMS = ("base", "yarn_zeroshot", "yarn_finetune")
 # gpu: what fits ~5 minutes of one GPU (every training arm compiles its own step).
@@ -36,13 +39,13 @@ GPU_ARMS = ("base", "pi_zeroshot", "ntk_zeroshot", "dynamic_ntk_zeroshot", "yarn
 
 
 def _base(L: int, *, d: int, layers: int, heads: int, mlp: int, steps: int, batch: int,
-          lr: float, theta: float, dtype: str = "float32", weight_decay: float = 0.1, stages=(),
+          lr: float, dtype: str = "float32", weight_decay: float = 0.1, stages=(),
           mixture=None):  # fmt: skip
     c = defaults()
     c.model.update(
         vocab_size=320, d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=heads,
         head_dim=d // heads, mlp_dim=mlp, max_position_embeddings=L, dtype=dtype,
-        rope={"rope_type": "default", "rope_theta": theta}, qk_norm=True,
+        rope={"rope_type": "default", "rope_theta": THETA}, qk_norm=True,
     )  # fmt: skip
     c.data.update(seq_len=L, mixture=mixture or {"text": 0.3, "kv": 0.7})
     steps = sum(stage["steps"] for stage in stages) if stages else steps
@@ -75,11 +78,12 @@ def _curriculum(L: int, task: dict, *, retrieval_steps: int, filler_steps: int,
     )  # fmt: skip
 
 
-def _arms(L: int, *, F: int, theta: float, finetune_steps: int, finetune_batch: int,
-          finetune_lr: float, beta_fast: float = 32.0):  # fmt: skip
-    """Every arm; `F` is the extension factor the scaled arms are built for, `theta` the base
-    run's RoPE θ, `beta_fast` YaRN's: dimensions that turn at least this many times over the
-    base length are left as trained (32, YaRN's default, is set for 4k contexts)."""
+def _arms(L: int, *, F: int, finetune_steps: int, finetune_batch: int, finetune_lr: float,
+          beta_fast: float = 32.0):  # fmt: skip
+    """Every arm; `F` is the extension factor the scaled arms are built for, `beta_fast`
+    YaRN's: dimensions that turn at least this many times over the base length are left as
+    trained (32, YaRN's default, is set for 4k contexts)."""
+    theta = THETA
     yarn = {"rope_type": "yarn", "rope_theta": theta, "factor": float(F),
             "original_max_position_embeddings": L, "beta_fast": beta_fast}  # fmt: skip
     pi = {"rope_type": "linear", "rope_theta": theta, "factor": float(F)}
@@ -181,39 +185,35 @@ def get_config(arg: str = "default"):
         mixture = {"text": 0.3, "kv": 0.5, "textcopy": 0.2}
         stages = _curriculum(L, task, retrieval_steps=600, filler_steps=600,
                              mixed_steps=1200, mixture=mixture)  # fmt: skip
-        theta = 10000.0
         c.base = _base(L, d=256, layers=2, heads=8, mlp=512, steps=0, batch=32, lr=5e-4,
-                       theta=theta, stages=stages, mixture=mixture)  # fmt: skip
+                       stages=stages, mixture=mixture)  # fmt: skip
         c.base.data.task.update(task)
         c.base.model.scan_layers = False  # two layers: the unrolled step is faster on CPU
         # Fine-tunes: 200 steps of 8 x 256 tokens, 8.3% of the base run's 4.95M tokens.
         # At L = 64 the fastest RoPE pair turns only 10 times: with YaRN's beta_fast 32 the
         # ramp starts there and interpolates all but it; 4 leaves the two fastest as trained.
-        arms = _arms(L, F=4, theta=theta, finetune_steps=200, finetune_batch=8,
-                     finetune_lr=5e-4, beta_fast=4.0)  # fmt: skip
+        arms = _arms(L, F=4, finetune_steps=200, finetune_batch=8, finetune_lr=5e-4,
+                     beta_fast=4.0)  # fmt: skip
         c.study = dict(seeds=(0, 1) if arg == "default" else (0,), factors=(1, 2, 4, 8),
                        task="kv", depths=(0.0, 0.25, 0.5, 0.75, 1.0), trials=10,
                        ppl_tokens=16384, stride=0.5, repeat_period=0, batch_tokens=8192,
                        arms=ARMS)  # fmt: skip
     elif arg == "quick":  # seconds per arm: checks the machinery, not the thresholds
         L = 32
-        c.base = _base(L, d=32, layers=2, heads=2, mlp=64, steps=6, batch=8, lr=3e-3,
-                       theta=10000.0)  # fmt: skip
+        c.base = _base(L, d=32, layers=2, heads=2, mlp=64, steps=6, batch=8, lr=3e-3)
         c.base.data.task.facts = 3
         c.base.eval.batches = 1
-        arms = _arms(L, F=4, theta=10000.0, finetune_steps=2, finetune_batch=8,
-                     finetune_lr=1e-3)  # fmt: skip
+        arms = _arms(L, F=4, finetune_steps=2, finetune_batch=8, finetune_lr=1e-3)  # fmt: skip
         c.study = dict(seeds=(0,), factors=(1, 2, 4, 8), task="kv", depths=(0.0, 1.0),
                        trials=2, ppl_tokens=1024, stride=0.5, repeat_period=0,
                        batch_tokens=1024, arms=QUICK_ARMS)  # fmt: skip
     elif arg == "gpu":  # one GPU, ~5 min: a 114M-parameter model at base length 2048
         L = 2048
         c.base = _base(L, d=768, layers=12, heads=12, mlp=3072, steps=500, batch=32,
-                       lr=6e-4, theta=10000.0, dtype="bfloat16")  # fmt: skip
+                       lr=6e-4, dtype="bfloat16")  # fmt: skip
         c.base.model.remat = "dots"
         c.base.data.task.facts = 16
-        arms = _arms(L, F=4, theta=10000.0, finetune_steps=60, finetune_batch=8,
-                     finetune_lr=2e-4)  # fmt: skip
+        arms = _arms(L, F=4, finetune_steps=60, finetune_batch=8, finetune_lr=2e-4)  # fmt: skip
         c.study = dict(seeds=(0,), factors=(1, 2, 4, 8), task="kv",
                        depths=(0.0, 0.25, 0.5, 0.75, 1.0), trials=10, ppl_tokens=65536,
                        stride=0.5, repeat_period=0, batch_tokens=65536, arms=GPU_ARMS)  # fmt: skip
