@@ -19,7 +19,8 @@ It writes WORKDIR/results.json (`{"base_length": N, "runs": [{"seed": s, "arms":
 acceptance checks per seed, wall times) and plots (ppl_vs_length.png, retrieval_vs_length.png,
 heatmap_<best arm>.png). Each arm's training resumes from its checkpoint and each finished
 evaluation is kept in WORKDIR/seed<s>/<arm>/study_eval.json, so running the command again
-continues where it stopped.
+continues where it stopped. With `study.workers` > 1 (CPU hosts) the (seed, arm) jobs run in
+that many worker processes, each on its share of the cores (`study_workers.py`).
 
 An arm (`config.arms.<name>`) is: `train` (does it train), `init` ("scratch" or "base": start
 from the base run's final weights), `overrides` (nested run-config values for its training,
@@ -40,7 +41,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ctxext_jax import checkpoint, data, sharding
+from ctxext_jax import checkpoint, data, sharding, study_workers
 from ctxext_jax.cli import exit_on_user_error, parse_flags
 from ctxext_jax.config import validate
 from ctxext_jax.data import tasks
@@ -117,6 +118,8 @@ def check_study(config) -> None:
         fail("study.task", f"{s.task!r}: choose from {tasks.TASKS}.")
     if s.trials * len(s.depths) < 1 or not s.factors or not s.seeds:
         fail("study", "factors, seeds, depths and trials must be non-empty.")
+    if not isinstance(s.workers, int) or s.workers < 1:
+        fail("study.workers", f"{s.workers!r}: the number of worker processes, 1 or more.")
     validate(config.base)
     for name in s.arms:  # every arm's training and evaluated model, before hours of training
         run = arm_run_config(config, name, 0, "<workdir>")
@@ -248,49 +251,54 @@ def evaluate_arm(config, name: str, seed: int, run_dir: str) -> dict:
     return out
 
 
+def study_arm(config, name: str, seed: int, workdir: str) -> tuple[dict, dict]:
+    """Trains (or reuses) and evaluates (or reuses) one arm of one seed.
+    -> (its evaluation, {"train_s", "eval_s"})."""
+    run_dir, train_s = train_arm(config, name, seed, workdir)
+    arm_dir = os.path.join(workdir, f"seed{seed}", name)
+    os.makedirs(arm_dir, exist_ok=True)
+    train_total = _add_seconds(os.path.join(arm_dir, TRAIN_TIME_FILE), train_s)
+    eval_path = os.path.join(arm_dir, EVAL_FILE)
+    step = int(checkpoint.resolve_init_from(run_dir).name)
+    fingerprint = json.loads(json.dumps(eval_fingerprint(config, name, step)))
+    cached = None
+    if os.path.exists(eval_path):
+        with open(eval_path) as f:
+            cached = json.load(f)
+    if cached is None or cached.get("fingerprint") != fingerprint:
+        print(f"== seed {seed}: evaluating {name}", flush=True)
+        clock = time.perf_counter()
+        result = evaluate_arm(config, name, seed, run_dir)
+        cached = {"fingerprint": fingerprint, "result": result,
+                  "eval_s": time.perf_counter() - clock}  # fmt: skip
+        with open(eval_path, "w") as f:
+            json.dump(cached, f, indent=1)
+    return cached["result"], {"train_s": round(train_total, 1),
+                              "eval_s": round(cached["eval_s"], 1)}  # fmt: skip
+
+
 def run_study(config, workdir: str) -> dict:
-    """Trains and evaluates every arm for every seed (reusing what is done); writes the
-    report. -> the results.json dict."""
+    """Trains and evaluates every arm for every seed (reusing what is done), in this process or
+    in `study.workers` worker processes; writes the report. -> the results.json dict."""
     check_study(config)
     os.makedirs(workdir, exist_ok=True)
     s = config.study
-    runs, timings = [], {}
-    for seed in s.seeds:
-        arms = {}
-        # The base run first: every arm that starts from it needs its final checkpoint.
-        for name in sorted(s.arms, key=lambda n: n != "base"):
-            run_dir, train_s = train_arm(config, name, seed, workdir)
-            arm_dir = os.path.join(workdir, f"seed{seed}", name)
-            os.makedirs(arm_dir, exist_ok=True)
-            train_total = _add_seconds(os.path.join(arm_dir, TRAIN_TIME_FILE), train_s)
-            eval_path = os.path.join(arm_dir, EVAL_FILE)
-            step = int(checkpoint.resolve_init_from(run_dir).name)
-            fingerprint = json.loads(json.dumps(eval_fingerprint(config, name, step)))
-            cached = None
-            if os.path.exists(eval_path):
-                with open(eval_path) as f:
-                    cached = json.load(f)
-            if cached is None or cached.get("fingerprint") != fingerprint:
-                print(f"== seed {seed}: evaluating {name}", flush=True)
-                clock = time.perf_counter()
-                result = evaluate_arm(config, name, seed, run_dir)
-                cached = {"fingerprint": fingerprint, "result": result,
-                          "eval_s": time.perf_counter() - clock}  # fmt: skip
-                with open(eval_path, "w") as f:
-                    json.dump(cached, f, indent=1)
-            arms[name] = cached["result"]
-            timings[f"seed{seed}/{name}"] = {
-                "train_s": round(train_total, 1),
-                "eval_s": round(cached["eval_s"], 1),
-            }
-        runs.append({"seed": int(seed), "arms": arms})
+    # The base run first: every arm that starts from it needs its final checkpoint.
+    names = sorted(s.arms, key=lambda n: n != "base")
+    jobs = [(int(seed), name) for seed in s.seeds for name in names]
+    if s.workers > 1:
+        done = study_workers.run_jobs(config, workdir, jobs, workers=s.workers)
+    else:
+        done = {(seed, name): study_arm(config, name, seed, workdir) for seed, name in jobs}
+    runs = [{"seed": int(seed), "arms": {name: done[(int(seed), name)][0] for name in names}}
+            for seed in s.seeds]  # fmt: skip
     results = {
         "base_length": int(config.base.data.seq_len),
         "task": s.task,
         "depths": list(s.depths),
         "trials_per_length": int(s.trials * len(s.depths)),
         "runs": runs,
-        "timings_s": timings,
+        "timings_s": {f"seed{seed}/{name}": done[(seed, name)][1] for seed, name in jobs},
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
     }
     with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -76,6 +76,33 @@ def test_quick_study_run_again_reuses_every_arm(quick_study, monkeypatch):
     assert study.run_study(config, str(workdir))["runs"] == before["runs"]
 
 
+def test_quick_study_in_two_workers_matches_one_process(quick_study, tmp_path):
+    """`study.workers=2`: the base run, then both arms at once in pinned worker processes;
+    every number as the one-process study's, each job's output in its own log."""
+    config, single = quick_study
+    _run(["-m", "ctxext_jax.study", "--config", "configs/study.py:quick",
+          "--workdir", str(tmp_path), "--config.study.workers=2"])  # fmt: skip
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    expected = json.loads((single / "results.json").read_text())["runs"]
+    assert [list(run["arms"]) for run in runs] == [list(run["arms"]) for run in expected]
+    for run, want in zip(runs, expected, strict=True):
+        for name, arm in run["arms"].items():
+            for measure in ("ppl", "ppl_repeat", "retrieval"):
+                np.testing.assert_allclose(list(arm[measure].values()),
+                                           list(want["arms"][name][measure].values()),
+                                           rtol=1e-3, err_msg=f"{name} {measure}")  # fmt: skip
+    for name in config.study.arms:
+        log = (tmp_path / "seed0" / name / "study.log").read_text()
+        assert f"evaluating {name}" in log
+
+
+def test_study_workers_refuse_a_bad_count():
+    config = study_config.get_config("quick")
+    config.study.workers = 0
+    with pytest.raises(ConfigError, match="study.workers: 0"):
+        study.check_study(config)
+
+
 def test_study_configs_validate_and_errors_name_the_key():
     for variant in ("default", "short", "gpu"):  # every arm's training config is validated
         study.check_study(study_config.get_config(variant))
