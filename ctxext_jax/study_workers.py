@@ -142,7 +142,7 @@ def run_jobs(config, workdir: str, jobs: list[tuple[int, str]], *, workers: int)
     if isinstance(failure, (SystemExit, KeyboardInterrupt)):
         print("stopped: the workers saved their checkpoints; rerun the same command to "
               "continue the study", flush=True)  # fmt: skip
-        raise SystemExit(0 if isinstance(failure, SystemExit) else 130)
+        raise SystemExit(0)  # as the one-process study stops on SIGTERM / Ctrl-C
     if failure is not None:
         raise failure
     return done
