@@ -191,6 +191,9 @@ def get_config(arg: str = "default"):
                        stages=stages, mixture=mixture)  # fmt: skip
         c.base.data.task.update(task)
         c.base.model.scan_layers = False  # two layers: the unrolled step is faster on CPU
+        # One CPU device per worker here; where there are more, they split the model (8 heads),
+        # not the batch: the fine-tunes' 4 rows would not split 8 ways.
+        c.base.mesh.shape.update(data=1, tensor=-1)
         # ALiBi learns retrieval in ~100 steps (RoPE: ~250) and no threshold rests on it: a
         # shorter schedule (1.58M tokens) keeps the study within 30 minutes.
         alibi_stages = _curriculum(L, task, retrieval_steps=300, filler_steps=200,
