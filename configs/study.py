@@ -85,10 +85,9 @@ def _arms(L: int, *, F: int, finetune_steps: int, finetune_batch: int, finetune_
     YaRN's: dimensions that turn at least this many times over the base length are left as
     trained (32, YaRN's default, is set for 4k contexts). `alibi_stages`: the ALiBi base run's
     own schedule (default: the RoPE base run's)."""
-    theta = THETA
-    yarn = {"rope_type": "yarn", "rope_theta": theta, "factor": float(F),
+    yarn = {"rope_type": "yarn", "rope_theta": THETA, "factor": float(F),
             "original_max_position_embeddings": L, "beta_fast": beta_fast}  # fmt: skip
-    pi = {"rope_type": "linear", "rope_theta": theta, "factor": float(F)}
+    pi = {"rope_type": "linear", "rope_theta": THETA, "factor": float(F)}
     warm = max(1, finetune_steps // 10)
 
     def finetune(rope):
@@ -116,10 +115,10 @@ def _arms(L: int, *, F: int, finetune_steps: int, finetune_batch: int, finetune_
             stages=(
                 dict(steps=half, seq_len=2 * L, batch_size=2 * finetune_batch, lr=finetune_lr,
                      warmup_steps=half // 10,
-                     rope={"rope_type": "default", "rope_theta": theta * 4}),
+                     rope={"rope_type": "default", "rope_theta": THETA * 4}),
                 dict(steps=finetune_steps - half, seq_len=F * L, batch_size=finetune_batch,
                      lr=finetune_lr, warmup_steps=half // 10,
-                     rope={"rope_type": "default", "rope_theta": theta * 16}),
+                     rope={"rope_type": "default", "rope_theta": THETA * 16}),
             ),
             log_every=max(1, finetune_steps // 10),
         ),
@@ -130,10 +129,10 @@ def _arms(L: int, *, F: int, finetune_steps: int, finetune_batch: int, finetune_
         "base": dict(train=True, init="scratch", overrides={}, eval_model={}),
         "pi_zeroshot": zeroshot(rope=pi),
         "ntk_zeroshot": zeroshot(
-            rope={"rope_type": "ntk", "rope_theta": theta, "factor": float(F)}
+            rope={"rope_type": "ntk", "rope_theta": THETA, "factor": float(F)}
         ),  # fmt: skip
         "dynamic_ntk_zeroshot": zeroshot(
-            rope={"rope_type": "dynamic", "rope_theta": theta, "factor": 1.0}
+            rope={"rope_type": "dynamic", "rope_theta": THETA, "factor": 1.0}
         ),  # fmt: skip
         "yarn_zeroshot": zeroshot(rope=yarn),
         "dynamic_yarn_zeroshot": zeroshot(  # scales with the length itself: no factor
@@ -145,7 +144,7 @@ def _arms(L: int, *, F: int, finetune_steps: int, finetune_batch: int, finetune_
             train=True,
             init="base",
             eval_model={},
-            overrides=finetune({"rope_type": "default", "rope_theta": theta}),
+            overrides=finetune({"rope_type": "default", "rope_theta": THETA}),
         ),  # fmt: skip
         # PoSE: base-length rows whose position ids cover F x L, with YaRN's positions.
         "pose": dict(
